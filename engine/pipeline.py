@@ -1,0 +1,280 @@
+"""The engine: an export folder in, images out. No torch, no diffusers: ONNX Runtime, numpy and tokenizers.
+
+`generate_batch` reads like the reference loop (spec §8): bin the size, encode prompt and negative prompt, draw
+latents, run the DPM-Solver++/SA-Solver loop with classifier-free guidance and the learned-sigma split, decode,
+resize and crop back, encode the images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from engine.positions import sincos_pos_embed
+from engine.request import Cancelled, GeneratedImage, GenerationRequest, GenerationResult, InvalidRequest
+from engine.resolution import classify_bin, resize_and_crop, to_uint8
+from engine.runtime import create_session
+from engine.schedulers import make_scheduler
+from engine.text import T5Tokenizer, apply_style, preprocess
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+PIL_FORMATS = {"png": ("PNG", {"compress_level": 4}), "jpeg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"quality": 95})}
+
+
+@dataclass
+class _Job:
+    """One request inside a batch: its rows of the latent batch, its seed stream and its scheduler."""
+
+    request: GenerationRequest
+    seed: int
+    rng: np.random.Generator
+    scheduler: object
+    latents: np.ndarray
+    cond: np.ndarray
+    cond_mask: np.ndarray
+    uncond: np.ndarray | None
+    uncond_mask: np.ndarray | None
+
+
+class Engine:
+    def __init__(self, export_dir: str | Path, providers: list[str] | tuple[str, ...] | None = None):
+        self.path = Path(export_dir)
+        self.manifest = json.loads((self.path / "manifest.json").read_text())
+        files = self.manifest["files"]
+        self.text_encoder = create_session(self.path / files["text_encoder"], providers)
+        self.transformer = create_session(self.path / files["transformer"], providers)
+        self.vae_decoder = create_session(self.path / files["vae_decoder"], providers)
+        self.tokenizer = T5Tokenizer.from_file(self.path / files["tokenizer"])
+        tr = self.manifest["transformer"]
+        self.patch_size = int(tr["config"]["patch_size"])
+        self.latent_channels = int(tr["config"]["in_channels"])
+        self.inner_dim = int(tr["inner_dim"])
+        self.pos_geometry = (float(tr["pos_embed"]["base_size"]), float(tr["pos_embed"]["interpolation_scale"]))
+        self.vae_scale = int(self.manifest["vae"]["scale_factor"])
+        self.vae_scaling_factor = float(self.manifest["vae"]["scaling_factor"])
+        self.max_sequence_length = int(self.manifest["text_encoder"]["max_sequence_length"])
+        self.scheduler_config = self.manifest["scheduler"]["config"]
+        self.bins = self.manifest["aspect_ratio_bins"]
+        self.has_safety_checker = bool(self.manifest.get("safety_checker"))
+
+    @classmethod
+    def load(cls, export_dir: str | Path, providers: list[str] | tuple[str, ...] | None = None) -> Engine:
+        return cls(export_dir, providers)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.transformer.get_providers()
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequest for every bad field, the engine's own rules included."""
+        violations = request.violations()
+        if request.enable_safety_checker is True and not self.has_safety_checker:
+            violations.append(("enable_safety_checker", "this engine was exported without a safety checker"))
+        if request.latents is not None and not violations:
+            h, w = self.binned_size(request)
+            want = (request.num_images, self.latent_channels, h // self.vae_scale, w // self.vae_scale)
+            if tuple(request.latents.shape) != want:
+                violations.append(("latents", f"must have shape {want}"))
+        if violations:
+            raise InvalidRequest(violations)
+
+    def binned_size(self, request: GenerationRequest) -> tuple[int, int]:
+        """(H, W) the transformer runs at for this request."""
+        width, height = request.size
+        return classify_bin(height, width, self.bins)
+
+    def batch_key(self, request: GenerationRequest) -> tuple:
+        """Requests with equal keys can share one transformer batch."""
+        return (self.binned_size(request), request.num_inference_steps, request.scheduler, request.do_guidance)
+
+    def warmup(self) -> None:
+        self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=1, image_size=(512, 512), seed=0))
+
+    # ---- generation -----------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        on_step: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        cancel = (lambda _i: should_cancel()) if should_cancel else None
+        (result,) = self.generate_batch([request], on_step=on_step, should_cancel=cancel)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def generate_batch(
+        self,
+        requests: list[GenerationRequest],
+        *,
+        on_step: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[int], bool] | None = None,
+    ) -> list[GenerationResult | BaseException]:
+        """Run requests that share a batch key as one transformer batch; a failed or cancelled one gets its error."""
+        results: list[GenerationResult | BaseException | None] = [None] * len(requests)
+        live: dict[int, _Job] = {}
+        for i, req in enumerate(requests):
+            try:
+                self.check(req)
+                if self.batch_key(req) != self.batch_key(requests[0]):
+                    raise ValueError("requests in one batch must share a batch key")
+            except (InvalidRequest, ValueError) as e:
+                results[i] = e
+            else:
+                live[i] = None  # filled below
+        if not live:
+            return results  # type: ignore[return-value]
+
+        t_start = time.perf_counter()
+        first = requests[next(iter(live))]
+        height, width = self.binned_size(first)
+        steps, guided = first.num_inference_steps, first.do_guidance
+
+        # 1. Text: prompt and (when guided) negative prompt, styles applied first, encoded in one T5 batch.
+        texts: list[str] = []
+        for i in live:
+            prompt, negative = apply_style(requests[i].style, requests[i].prompt, requests[i].negative_prompt)
+            texts.append(preprocess(prompt, requests[i].clean_caption))
+            if guided:
+                texts.append(preprocess(negative, requests[i].clean_caption))
+        embeds, masks = self.encode_text(texts)
+        per_request = 2 if guided else 1
+        t_text = time.perf_counter()
+
+        # 2. Latents and per-request schedulers.
+        for n, i in enumerate(live):
+            req = requests[i]
+            seed = req.seed if req.seed is not None else secrets.randbits(63)
+            rng = np.random.default_rng(seed)
+            shape = (req.num_images, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+            latents = (
+                np.asarray(req.latents, dtype=np.float32)
+                if req.latents is not None
+                else rng.standard_normal(shape, dtype=np.float32)
+            )
+            scheduler = make_scheduler(req.scheduler, self.scheduler_config)
+            scheduler.set_timesteps(steps)
+            latents = latents * np.float32(scheduler.init_noise_sigma)
+            k, c = req.num_images, per_request * n
+            live[i] = _Job(
+                request=req, seed=seed, rng=rng, scheduler=scheduler, latents=latents,
+                cond=np.repeat(embeds[c : c + 1], k, 0), cond_mask=np.repeat(masks[c : c + 1], k, 0),
+                uncond=np.repeat(embeds[c + 1 : c + 2], k, 0) if guided else None,
+                uncond_mask=np.repeat(masks[c + 1 : c + 2], k, 0) if guided else None,
+            )
+        timesteps = next(iter(live.values())).scheduler.timesteps
+        pos_embed = sincos_pos_embed(
+            self.inner_dim, height // self.vae_scale // self.patch_size, width // self.vae_scale // self.patch_size,
+            *self.pos_geometry,
+        )
+
+        # 3. Denoising: one transformer call per step for every live request, [uncond; cond] when guided.
+        for step, t in enumerate(timesteps):
+            for i in list(live):
+                if should_cancel is not None and should_cancel(i):
+                    results[i] = Cancelled(f"cancelled at step {step}")
+                    del live[i]
+            if not live:
+                return results  # type: ignore[return-value]
+            jobs = list(live.values())
+            x = np.concatenate([j.latents for j in jobs])
+            ctx = np.concatenate([j.cond for j in jobs])
+            ctx_mask = np.concatenate([j.cond_mask for j in jobs])
+            if guided:
+                x = np.concatenate([x, x])
+                ctx = np.concatenate([np.concatenate([j.uncond for j in jobs]), ctx])
+                ctx_mask = np.concatenate([np.concatenate([j.uncond_mask for j in jobs]), ctx_mask])
+            noise_pred = self.transformer.run(
+                None,
+                {
+                    "latents": x,
+                    "timestep": np.full((x.shape[0],), t, dtype=np.float32),
+                    "encoder_hidden_states": ctx,
+                    "encoder_attention_mask": ctx_mask,
+                    "pos_embed": pos_embed,
+                },
+            )[0]
+            if guided:
+                uncond, cond = np.split(noise_pred, 2)
+                scale = np.concatenate([np.full(j.latents.shape[0], j.request.guidance_scale, np.float32) for j in jobs])
+                noise_pred = uncond + scale[:, None, None, None] * (cond - uncond)
+            eps = noise_pred[:, : self.latent_channels]  # learned sigma: keep the noise half
+            row = 0
+            for j in jobs:
+                n_rows = j.latents.shape[0]
+                noise = j.rng.standard_normal(j.latents.shape, dtype=np.float32) if j.scheduler.needs_noise else None
+                j.latents = j.scheduler.step(eps[row : row + n_rows], j.latents, noise)
+                row += n_rows
+            if on_step is not None:
+                on_step(step + 1, len(timesteps))
+        t_denoise = time.perf_counter()
+
+        # 4. Decode all live rows at once, then per request: back to the requested size, pixels, files.
+        jobs = list(live.values())
+        decoded = self.decode(np.concatenate([j.latents for j in jobs]))
+        t_decode = time.perf_counter()
+        row = 0
+        for i, j in live.items():
+            k = j.request.num_images
+            width_req, height_req = j.request.size
+            pixels = to_uint8(resize_and_crop(decoded[row : row + k], width_req, height_req))
+            row += k
+            t0 = time.perf_counter()
+            images = [self._encode_image(p, j.request.output_format, n) for n, p in enumerate(pixels)]
+            t_encode = time.perf_counter() - t0
+            results[i] = GenerationResult(
+                images=images,
+                seed=j.seed,
+                prompt=j.request.prompt,
+                has_nsfw_concepts=[False] * k,
+                timings={
+                    "text_encoding": t_text - t_start,
+                    "denoising": t_denoise - t_text,
+                    "decoding": t_decode - t_denoise,
+                    "safety": 0.0,
+                    "image_encoding": t_encode,
+                    "total": time.perf_counter() - t_start,
+                },
+            )
+        return results  # type: ignore[return-value]
+
+    # ---- stages ---------------------------------------------------------------------------------------------
+
+    def encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """T5 last hidden states (B, L, C) and the int64 mask, for already preprocessed texts."""
+        ids, mask, truncated = self.tokenizer.encode(texts, max_length=self.max_sequence_length)
+        for text, cut in zip(texts, truncated):
+            if cut:
+                log.warning("prompt longer than %d tokens was truncated: %.80r", self.max_sequence_length, text)
+        embeds = self.text_encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        return embeds, mask
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """(B, 4, h, w) final latents -> (B, 3, H, W) images in about [-1, 1]."""
+        scaled = (latents / np.float32(self.vae_scaling_factor)).astype(np.float32)
+        return self.vae_decoder.run(None, {"latents": scaled})[0]
+
+    @staticmethod
+    def _encode_image(pixels: np.ndarray, fmt: str, index: int) -> GeneratedImage:
+        buf = io.BytesIO()
+        pil_format, options = PIL_FORMATS[fmt]
+        Image.fromarray(pixels).save(buf, format=pil_format, **options)
+        ext = "jpg" if fmt == "jpeg" else fmt
+        return GeneratedImage(pixels=pixels, data=buf.getvalue(), content_type=CONTENT_TYPES[fmt],
+                              file_name=f"image_{index}.{ext}")
+

@@ -1,0 +1,139 @@
+"""The embedded default model: a tiny, seeded PixArt-Σ-architecture checkpoint in diffusers format, built offline.
+
+Widths are tiny so that everything runs on a laptop CPU in seconds, but the layout is the real one where it changes
+behaviour: `sample_size` 128 with `interpolation_scale` 2 (so the 1024 bin table and the stretched positional embedding
+apply), learned sigma (8 output channels), four VAE blocks (scale factor 8) with the mid-block attention, a gated-GELU
+T5 with relative attention buckets, and PixArt's scheduler config. Every parameter is drawn from one seeded generator,
+including those diffusers initialises to zero or one, so that no path is silently inert in a parity test.
+The weights are random: pictures are noise-like. A real checkpoint goes through the same export and engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+CORPUS = Path(__file__).parent / "corpus" / "captions.txt"
+SEED = 20240401
+
+TRANSFORMER_CONFIG = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=8,
+    num_layers=2,
+    cross_attention_dim=32,
+    attention_bias=True,
+    sample_size=128,
+    patch_size=2,
+    activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000,
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    interpolation_scale=2,
+    use_additional_conditions=False,
+    caption_channels=48,
+)
+T5_CONFIG = dict(
+    d_model=48,
+    d_kv=12,
+    d_ff=96,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-6,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+    tie_word_embeddings=False,
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[8, 8, 16, 16],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=False,
+)
+# PixArt-Σ's published scheduler_config.json (spec §1.5), with the defaults it relies on spelled out.
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    trained_betas=None,
+    prediction_type="epsilon",
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    solver_type="midpoint",
+    lower_order_final=True,
+    euler_at_final=False,
+    use_karras_sigmas=False,
+    use_lu_lambdas=False,
+    lambda_min_clipped=-float("inf"),
+    thresholding=False,
+    dynamic_thresholding_ratio=0.995,
+    sample_max_value=1.0,
+    timestep_spacing="linspace",
+    steps_offset=0,
+    variance_type=None,
+    final_sigmas_type="zero",
+)
+
+
+def _randomize(module, generator) -> None:
+    """Give every parameter seeded values of a sensible scale (zero-initialised ones included)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:  # linear / conv / embedding weights and modulation tables: variance-preserving
+                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p[0].numel()))
+            elif name.endswith("weight"):  # norm gains
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+            else:  # biases and tables
+                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+
+
+def build_default_model(out_dir: str | Path, seed: int = SEED) -> Path:
+    """Write the tiny checkpoint to `out_dir` (diffusers layout) and return it. Same seed, same bytes."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    from export.tokenizer import train_t5_tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir = train_t5_tokenizer(CORPUS, out / "tokenizer", seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+
+    g = torch.Generator().manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5_CONFIG)).eval()
+    _randomize(text_encoder, g)
+    transformer = PixArtTransformer2DModel(**TRANSFORMER_CONFIG).eval()
+    _randomize(transformer, g)
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    _randomize(vae, g)
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
+
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").write_text(
+        "Tiny PixArt-Σ-architecture checkpoint with random weights (seed %d), built by `pixart build-default`.\n"
+        "Its images are noise-like; it exists so that every path runs offline.\n" % seed
+    )
+    (out / "default_model.json").write_text(json.dumps({"seed": seed}, indent=2))
+    return out

@@ -1,0 +1,340 @@
+"""Export a diffusers-format PixArt-Σ checkpoint to three ONNX graphs and one manifest.
+
+Design of the positional embedding (spec §5): it is a graph *input* of the transformer, computed on the host by
+`engine.positions.sincos_pos_embed` in float64 exactly as diffusers does, once per size bin. Tracing diffusers'
+PatchEmbed at one size bakes that size's embedding into the graph; an input keeps one graph right at every bin,
+keeps float64 trigonometry out of the graph (TensorRT has none), and costs one cached array per bin.
+
+The transformer's forward is re-stated here over diffusers' own submodules (patch projection, AdaLayerNormSingle,
+caption projection, the blocks, the final modulation) so that the graph has no Python branches resolved at trace
+time: the mask stays rank 2 and becomes the −10000 bias inside the graph, and unpatchify is a plain permute (no
+`squeeze(1)`, which TorchScript turns into a shape-disagreeing `If` at the real width).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+OPSET = 18
+# Protobuf caps one file at 2 GB: larger graphs keep their weights in a side file.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+MAX_SEQUENCE_LENGTH = 300
+# The 2K transformer repository ships no text encoder, tokenizer or VAE: they come from here (spec §1.1).
+SIGMA_BASE_COMPONENTS = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class TransformerGraph(nn.Module):
+    """PixArtTransformer2DModel.forward with the positional embedding as an input (see module docstring)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.t = transformer
+
+    def forward(
+        self,
+        latents: torch.Tensor,  # (B, 4, h, w)
+        timestep: torch.Tensor,  # (B,) float
+        encoder_hidden_states: torch.Tensor,  # (B, L, caption_channels)
+        encoder_attention_mask: torch.Tensor,  # (B, L) int64, 1 = keep
+        pos_embed: torch.Tensor,  # (1, h/p * w/p, inner_dim)
+    ) -> torch.Tensor:
+        t, p = self.t, self.t.config.patch_size
+        c_out = t.out_channels
+        b, h, w = latents.shape[0], latents.shape[2] // p, latents.shape[3] // p
+        x = t.pos_embed.proj(latents).flatten(2).transpose(1, 2) + pos_embed
+        bias = ((1 - encoder_attention_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
+        t6, embedded_t = t.adaln_single(
+            timestep, {"resolution": None, "aspect_ratio": None}, batch_size=b, hidden_dtype=x.dtype
+        )
+        context = t.caption_projection(encoder_hidden_states)
+        for block in t.transformer_blocks:
+            x = block(x, encoder_hidden_states=context, encoder_attention_mask=bias, timestep=t6)
+        shift, scale = (t.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
+        x = t.proj_out(t.norm_out(x) * (1 + scale) + shift)
+        x = x.reshape(b, h, w, p, p, c_out).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c_out, h * p, w * p)
+
+
+class VaeDecoderGraph(nn.Module):
+    """Scaled latents in (the host divides by the scaling factor), image in about [-1, 1] out."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+def load_components(model: str | Path, base: str | Path | None = None) -> dict:
+    """Load a diffusers-format PixArt-Σ checkpoint (folder or hub id) component by component, in fp32."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from transformers import T5EncoderModel
+
+    model = str(model)
+    base = str(base) if base else (model if _has_subfolder(model, "text_encoder") else SIGMA_BASE_COMPONENTS)
+    transformer = PixArtTransformer2DModel.from_pretrained(model, subfolder="transformer", torch_dtype=torch.float32)
+    text_encoder = T5EncoderModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
+    return {
+        "transformer": transformer.eval(),
+        "text_encoder": text_encoder.eval(),
+        "vae": vae.eval(),
+        "scheduler_config": _read_config(model if _has_subfolder(model, "scheduler") else base, "scheduler"),
+        "tokenizer_dir": _subfolder_path(base, "tokenizer"),
+    }
+
+
+def export_text_encoder(text_encoder: nn.Module, path: Path, seq_len: int = 16) -> Path:
+    ids = torch.ones(2, seq_len, dtype=torch.int64)
+    mask = torch.ones(2, seq_len, dtype=torch.int64)
+    return _export(
+        TextEncoderGraph(text_encoder),
+        (ids, mask),
+        path,
+        inputs=["input_ids", "attention_mask"],
+        outputs=["last_hidden_state"],
+        dynamic={"input_ids": {0: "batch", 1: "text_len"}, "attention_mask": {0: "batch", 1: "text_len"},
+                 "last_hidden_state": {0: "batch", 1: "text_len"}},
+    )
+
+
+def export_transformer(transformer: nn.Module, path: Path, latent_hw: tuple[int, int] = (16, 24)) -> Path:
+    from engine.positions import sincos_pos_embed
+
+    cfg = transformer.config
+    h, w = latent_hw
+    p = cfg.patch_size
+    pos = sincos_pos_embed(transformer.inner_dim, h // p, w // p, *pos_embed_geometry(transformer))
+    args = (
+        torch.randn(2, cfg.in_channels, h, w),
+        torch.tensor([999.0, 500.0]),
+        torch.randn(2, 7, cfg.caption_channels),
+        torch.tensor([[1] * 7, [1] * 3 + [0] * 4], dtype=torch.int64),
+        torch.from_numpy(pos),
+    )
+    return _export(
+        TransformerGraph(transformer),
+        args,
+        path,
+        inputs=["latents", "timestep", "encoder_hidden_states", "encoder_attention_mask", "pos_embed"],
+        outputs=["noise_pred"],
+        dynamic={
+            "latents": {0: "batch", 2: "height", 3: "width"},
+            "timestep": {0: "batch"},
+            "encoder_hidden_states": {0: "batch", 1: "text_len"},
+            "encoder_attention_mask": {0: "batch", 1: "text_len"},
+            "pos_embed": {1: "tokens"},
+            "noise_pred": {0: "batch", 2: "height", 3: "width"},
+        },
+    )
+
+
+def export_vae_decoder(vae: nn.Module, path: Path, latent_hw: tuple[int, int] = (8, 12)) -> Path:
+    latents = torch.randn(1, vae.config.latent_channels, *latent_hw)
+    return _export(
+        VaeDecoderGraph(vae),
+        (latents,),
+        path,
+        inputs=["latents"],
+        outputs=["image"],
+        dynamic={"latents": {0: "batch", 2: "height", 3: "width"}, "image": {0: "batch", 2: "height", 3: "width"}},
+    )
+
+
+def pos_embed_geometry(transformer: nn.Module) -> tuple[float, float]:
+    """(base_size, interpolation_scale) of diffusers' PatchEmbed, read from the built module itself."""
+    pe = transformer.pos_embed
+    return float(pe.base_size), float(pe.interpolation_scale)
+
+
+def aspect_ratio_bins(sample_size: int) -> dict[str, list[int]]:
+    """The pipeline's bin table for this transformer ({ratio: [H, W]}), taken from diffusers itself."""
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
+
+    tables = {256: sigma.ASPECT_RATIO_2048_BIN, 128: alpha.ASPECT_RATIO_1024_BIN, 64: alpha.ASPECT_RATIO_512_BIN,
+              32: alpha.ASPECT_RATIO_256_BIN}
+    if sample_size not in tables:
+        raise ValueError(f"no resolution-bin table for sample_size {sample_size} (diffusers has 32, 64, 128, 256)")
+    return {k: [int(v[0]), int(v[1])] for k, v in tables[sample_size].items()}
+
+
+def export_model(
+    model: str | Path | None,
+    out_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> Path:
+    """Export the checkpoint `model` (None: the embedded default) to `out_dir`; return the manifest's path."""
+    if precision != "fp32":
+        raise ValueError(f"precision: only fp32 is exported so far, got {precision!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = ["load", "text_encoder", "transformer", "vae_decoder", "tokenizer", "manifest"]
+    bar = tqdm(total=len(steps), desc="export", unit="step", disable=not progress)
+    started = time.perf_counter()
+
+    def advance(label: str) -> None:
+        bar.set_postfix_str(label)
+        bar.update(1)
+
+    if model is None:
+        from export.default_model import build_default_model
+
+        model = build_default_model(out / "checkpoint")
+    c = load_components(model, base)
+    advance("loaded")
+    files = {
+        "text_encoder": export_text_encoder(c["text_encoder"], out / "text_encoder.onnx"),
+    }
+    advance("text encoder")
+    files["transformer"] = export_transformer(c["transformer"], out / "transformer.onnx")
+    advance("transformer")
+    files["vae_decoder"] = export_vae_decoder(c["vae"], out / "vae_decoder.onnx")
+    advance("VAE decoder")
+    from export.tokenizer import tokenizer_json_for
+
+    files["tokenizer"] = tokenizer_json_for(c["tokenizer_dir"], out / "tokenizer.json")
+    advance("tokenizer")
+    manifest = build_manifest(model, c, files, out, precision, time.perf_counter() - started)
+    path = out / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    advance("manifest")
+    bar.close()
+    return path
+
+
+def build_manifest(model, c: dict, files: dict[str, Path], out: Path, precision: str, seconds: float) -> dict:
+    import diffusers
+    import onnx
+    import transformers
+
+    tr, vae, te = c["transformer"], c["vae"], c["text_encoder"]
+    base_size, interpolation_scale = pos_embed_geometry(tr)
+    hashed = {}
+    for name, f in files.items():
+        paths = [f] + ([f.with_name(f.name + ".data")] if f.with_name(f.name + ".data").exists() else [])
+        hashed[name] = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in paths}
+    return {
+        "format": "pixart-sigma-onnx/1",
+        "source_model": str(model),
+        "precision": precision,
+        "files": {name: f.name for name, f in files.items()},
+        "hashes": hashed,
+        "transformer": {
+            "config": _jsonable(dict(tr.config)),
+            "inner_dim": int(tr.inner_dim),
+            "pos_embed": {"base_size": base_size, "interpolation_scale": interpolation_scale},
+        },
+        "text_encoder": {"config": _jsonable(te.config.to_dict()), "max_sequence_length": MAX_SEQUENCE_LENGTH},
+        "vae": {
+            "config": _jsonable(dict(vae.config)),
+            "scaling_factor": float(vae.config.scaling_factor),
+            "scale_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+        },
+        "scheduler": {"config": _jsonable(c["scheduler_config"])},
+        "aspect_ratio_bins": aspect_ratio_bins(int(tr.config.sample_size)),
+        "safety_checker": None,
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "opset": OPSET,
+            "python": platform.python_version(),
+        },
+        "export_seconds": round(seconds, 2),
+    }
+
+
+def _export(module: nn.Module, args: tuple, path: Path, *, inputs, outputs, dynamic) -> Path:
+    """Trace `module` to `path`; weights go to one `<name>.data` side file when the graph passes 2 GB."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    # The exporter scatters one file per tensor beside a >2 GB graph: trace into a scratch folder, then re-save.
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad():
+        traced = Path(scratch) / path.name
+        torch.onnx.export(
+            module, args, str(traced), input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
+            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+        )
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+        if weights <= EXTERNAL_DATA_THRESHOLD and len(list(Path(scratch).iterdir())) == 1:
+            traced.replace(path)
+        else:
+            proto = onnx.load(str(traced), load_external_data=True)
+            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+    return path
+
+
+def _has_subfolder(model: str, sub: str) -> bool:
+    if Path(model).is_dir():
+        return (Path(model) / sub).is_dir()
+    from huggingface_hub import file_exists
+
+    config = "scheduler_config.json" if sub == "scheduler" else "config.json"
+    name = "spiece.model" if sub == "tokenizer" else config
+    return file_exists(model, f"{sub}/{name}")
+
+
+def _subfolder_path(model: str, sub: str) -> Path:
+    if Path(model).is_dir():
+        return Path(model) / sub
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=[f"{sub}/*"])) / sub
+
+
+def _read_config(model: str, sub: str) -> dict:
+    return json.loads((_subfolder_path(model, sub) / "scheduler_config.json").read_text())
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if k.startswith("_") and k not in ("_class_name",):
+            continue
+        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+            v = str(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return json.loads(json.dumps(out, default=str))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+

@@ -1,0 +1,114 @@
+"""`pixart`: one command, with subcommands for export, local inference, the service and its client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _export(args: argparse.Namespace) -> None:
+    from export.onnx_export import export_model
+
+    manifest = export_model(args.model, args.out, base=args.base, precision=args.precision, progress=not args.quiet)
+    print(f"exported to {manifest.parent} (manifest: {manifest.name})")
+
+
+def _build_default(args: argparse.Namespace) -> None:
+    from export.default_model import build_default_model
+
+    print(build_default_model(args.out))
+
+
+def _infer(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from engine import Engine, GenerationRequest
+
+    engine = Engine.load(args.engine)
+    size = args.image_size
+    if "x" in size:
+        w, h = size.lower().split("x")
+        size = (int(w), int(h))
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        style=args.style,
+        image_size=size,
+        num_inference_steps=args.steps,
+        scheduler=args.scheduler,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        num_images=args.num_images,
+        output_format=args.format,
+    )
+    engine.check(request)
+    with tqdm(total=request.num_inference_steps, desc="denoising", unit="step") as bar:
+        result = engine.generate(request, on_step=lambda step, total: bar.update(1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(result.images) == 1 else [out.with_stem(f"{out.stem}_{i}") for i in range(len(result.images))]
+    for path, image in zip(paths, result.images):
+        path.write_bytes(image.data)
+        print(f"wrote {path} ({image.width}x{image.height}, {image.content_type})")
+    timings = {k: round(v, 3) for k, v in result.timings.items()}
+    print(json.dumps({"seed": result.seed, "providers": engine.providers, "timings_s": timings}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixart", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a PixArt-Σ checkpoint (default: the embedded tiny model) to ONNX")
+    p.add_argument("--model", default=None, help="diffusers-format checkpoint: a folder or a hub id")
+    p.add_argument("--base", default=None, help="where the text encoder, tokenizer and VAE come from (2K model)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--precision", default="fp32", choices=["fp32"])
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("build-default", help="write the embedded default checkpoint (diffusers format)")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=_build_default)
+
+    p = sub.add_parser("infer", help="generate images in this process from an export folder (no server)")
+    p.add_argument("prompt")
+    p.add_argument("--engine", required=True, type=Path, help="export folder")
+    p.add_argument("--out", default="out.png")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--style", default="(No style)")
+    p.add_argument("--image-size", default="square_hd", help="preset name or WIDTHxHEIGHT")
+    p.add_argument("--steps", type=int, default=35)
+    p.add_argument("--scheduler", default="DPM-SOLVER", choices=["DPM-SOLVER", "SA-SOLVER"])
+    p.add_argument("--guidance-scale", type=float, default=4.5)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
+    p.set_defaults(func=_infer)
+
+    try:
+        from server.cli import register
+    except ImportError:  # the service's subcommands appear once server/ is installed
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Exception as e:  # a clean message for errors the user can act on
+        from engine.request import InvalidRequest
+
+        if isinstance(e, InvalidRequest):
+            sys.exit(f"invalid request: {e}")
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Each exported graph matches its torch module in fp32, at several batch sizes, text lengths and sizes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from engine.positions import sincos_pos_embed
+
+CPU = ["CPUExecutionProvider"]
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=CPU)
+
+
+@pytest.fixture(scope="module")
+def components(default_checkpoint):
+    from export.onnx_export import load_components
+
+    return load_components(default_checkpoint)
+
+
+@pytest.mark.parametrize("batch,length", [(1, 300), (2, 17), (3, 1)])
+def test_text_encoder_matches_t5(default_export, components, batch, length):
+    te = components["text_encoder"]
+    g = torch.Generator().manual_seed(batch * 1000 + length)
+    ids = torch.randint(2, te.config.vocab_size, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[0, max(1, length // 3) :] = 0  # padding must be masked inside T5 too
+    with torch.no_grad():
+        ref = te(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    out = _session(default_export / "text_encoder.onnx").run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    )[0]
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+# (latent height, latent width): 1024x1024, 768x1344, 2048x512 and 1344x768 bins
+@pytest.mark.parametrize(
+    "batch,latent_hw,length", [(1, (128, 128), 300), (2, (96, 168), 20), (4, (64, 256), 5), (2, (168, 96), 300)]
+)
+def test_transformer_matches_diffusers_at_every_bin_shape(default_export, components, batch, latent_hw, length):
+    """Non-base sizes prove the positional embedding follows the bin (a base-size trace would bake 64x64 in)."""
+    from export.onnx_export import pos_embed_geometry
+
+    tr = components["transformer"]
+    g = torch.Generator().manual_seed(batch + length)
+    h, w = latent_hw
+    latents = torch.randn(batch, 4, h, w, generator=g)
+    timestep = torch.tensor([999, 500, 20, 0][:batch], dtype=torch.int64)
+    context = torch.randn(batch, length, tr.config.caption_channels, generator=g)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[-1, max(1, length // 2) :] = 0
+    with torch.no_grad():
+        ref = tr(latents, encoder_hidden_states=context, timestep=timestep, encoder_attention_mask=mask,
+                 return_dict=False)[0].numpy()
+    pos = sincos_pos_embed(tr.inner_dim, h // 2, w // 2, *pos_embed_geometry(tr))
+    out = _session(default_export / "transformer.onnx").run(None, {
+        "latents": latents.numpy(), "timestep": timestep.numpy().astype(np.float32),
+        "encoder_hidden_states": context.numpy(), "encoder_attention_mask": mask.numpy(), "pos_embed": pos,
+    })[0]
+    assert out.shape == ref.shape == (batch, 8, h, w)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("batch,latent_hw", [(1, (64, 64)), (2, (24, 40))])
+def test_vae_decoder_matches_diffusers(default_export, components, batch, latent_hw):
+    vae = components["vae"]
+    latents = torch.randn(batch, 4, *latent_hw, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        ref = vae.decode(latents, return_dict=False)[0].numpy()
+    out = _session(default_export / "vae_decoder.onnx").run(None, {"latents": latents.numpy()})[0]
+    assert out.shape == (batch, 3, latent_hw[0] * 8, latent_hw[1] * 8)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_host_position_embedding_equals_diffusers_for_every_bin(components, default_export):
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    manifest = json.loads((default_export / "manifest.json").read_text())
+    base, scale = manifest["transformer"]["pos_embed"]["base_size"], manifest["transformer"]["pos_embed"]["interpolation_scale"]
+    assert (base, scale) == (64.0, 2.0)  # sample_size 128 / patch 2, PixArt-Σ 1024's stretch
+    dim = 64  # the formula does not depend on width; small keeps this fast
+    for h_px, w_px in manifest["aspect_ratio_bins"].values():
+        rows, cols = h_px // 16, w_px // 16
+        ref = get_2d_sincos_pos_embed(dim, (rows, cols), base_size=64, interpolation_scale=2, output_type="pt")
+        np.testing.assert_allclose(sincos_pos_embed(dim, rows, cols, base, scale)[0], ref.float().numpy(), atol=2e-6)
+
+
+def test_manifest_holds_what_the_runtime_needs(default_export):
+    manifest = json.loads((default_export / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32"
+    assert manifest["vae"]["scaling_factor"] == pytest.approx(0.13025)
+    assert manifest["vae"]["scale_factor"] == 8
+    assert manifest["scheduler"]["config"]["algorithm_type"] == "dpmsolver++"
+    assert manifest["text_encoder"]["max_sequence_length"] == 300
+    assert len(manifest["aspect_ratio_bins"]) == 33 and manifest["aspect_ratio_bins"]["1.0"] == [1024, 1024]
+    assert {"torch", "diffusers", "transformers", "onnx"} <= set(manifest["versions"])
+    for name, files in manifest["hashes"].items():
+        for file_name, meta in files.items():
+            data = (default_export / file_name).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == meta["sha256"], name
+    assert (default_export / manifest["files"]["tokenizer"]).exists()
+
+
+@pytest.mark.slow
+def test_export_at_real_dimensions(tmp_path, monkeypatch):
+    """A 1152-wide transformer with 16 heads of 72 and a 4096-wide T5 (one layer each, random weights) export,
+    load and match torch; the T5 graph goes through the external-data path."""
+    from diffusers import PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    import export.onnx_export as ox
+
+    torch.manual_seed(0)
+    tr = PixArtTransformer2DModel(
+        num_attention_heads=16, attention_head_dim=72, num_layers=1, caption_channels=4096, sample_size=128,
+        interpolation_scale=2, use_additional_conditions=False, cross_attention_dim=1152, out_channels=8,
+    ).eval()
+    te = T5EncoderModel(T5Config(vocab_size=512, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=1,
+                                 feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 500_000_000)  # T5 ~0.9 GB goes external, the transformer not
+    ox.export_transformer(tr, tmp_path / "transformer.onnx")
+    ox.export_text_encoder(te, tmp_path / "text_encoder.onnx")
+    assert (tmp_path / "text_encoder.onnx.data").stat().st_size > 500_000_000
+    assert (tmp_path / "text_encoder.onnx").stat().st_size < 10_000_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text_encoder.onnx", "text_encoder.onnx.data",
+                                                          "transformer.onnx"]
+
+    ids = torch.randint(2, 512, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.int64)
+    mask[1, 10:] = 0
+    with torch.no_grad():
+        ref_text = te(input_ids=ids, attention_mask=mask).last_hidden_state
+    out_text = _session(tmp_path / "text_encoder.onnx").run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    np.testing.assert_allclose(out_text, ref_text.numpy(), atol=2e-4 * ref_text.abs().max().item())
+
+    latents = torch.randn(2, 4, 48, 80)  # not the 64x64 base grid: 24x40 tokens
+    timestep = torch.tensor([999, 10])
+    with torch.no_grad():
+        ref = tr(latents, encoder_hidden_states=ref_text, timestep=timestep, encoder_attention_mask=mask,
+                 return_dict=False)[0].numpy()
+    pos = sincos_pos_embed(1152, 24, 40, *ox.pos_embed_geometry(tr))
+    out = _session(tmp_path / "transformer.onnx").run(None, {
+        "latents": latents.numpy(), "timestep": timestep.numpy().astype(np.float32),
+        "encoder_hidden_states": ref_text.numpy(), "encoder_attention_mask": mask.numpy(), "pos_embed": pos,
+    })[0]
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())
