@@ -50,7 +50,7 @@ def _infer(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(result.images) == 1 else [out.with_stem(f"{out.stem}_{i}") for i in range(len(result.images))]
-    for path, image in zip(paths, result.images):
+    for path, image in zip(paths, result.images, strict=True):
         path.write_bytes(image.data)
         print(f"wrote {path} ({image.width}x{image.height}, {image.content_type})")
     timings = {k: round(v, 3) for k, v in result.timings.items()}

@@ -29,7 +29,11 @@ from engine.text import T5Tokenizer, apply_style, preprocess
 log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-PIL_FORMATS = {"png": ("PNG", {"compress_level": 4}), "jpeg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"quality": 95})}
+PIL_FORMATS = {
+    "png": ("PNG", {"compress_level": 4}),
+    "jpeg": ("JPEG", {"quality": 95}),
+    "webp": ("WEBP", {"quality": 95}),
+}
 
 
 @dataclass
@@ -211,7 +215,7 @@ class Engine:
             )[0]
             if guided:
                 uncond, cond = np.split(noise_pred, 2)
-                scale = np.concatenate([np.full(j.latents.shape[0], j.request.guidance_scale, np.float32) for j in jobs])
+                scale = np.concatenate([np.full(len(j.latents), j.request.guidance_scale, np.float32) for j in jobs])
                 noise_pred = uncond + scale[:, None, None, None] * (cond - uncond)
             eps = noise_pred[:, : self.latent_channels]  # learned sigma: keep the noise half
             row = 0
@@ -258,7 +262,7 @@ class Engine:
     def encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """T5 last hidden states (B, L, C) and the int64 mask, for already preprocessed texts."""
         ids, mask, truncated = self.tokenizer.encode(texts, max_length=self.max_sequence_length)
-        for text, cut in zip(texts, truncated):
+        for text, cut in zip(texts, truncated, strict=True):
             if cut:
                 log.warning("prompt longer than %d tokens was truncated: %.80r", self.max_sequence_length, text)
         embeds = self.text_encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]

@@ -132,8 +132,8 @@ def build_default_model(out_dir: str | Path, seed: int = SEED) -> Path:
     )
     pipe.save_pretrained(out, safe_serialization=True)
     (out / "README.md").write_text(
-        "Tiny PixArt-Σ-architecture checkpoint with random weights (seed %d), built by `pixart build-default`.\n"
-        "Its images are noise-like; it exists so that every path runs offline.\n" % seed
+        f"Tiny PixArt-Σ-architecture checkpoint with random weights (seed {seed}), built by `pixart build-default`.\n"
+        "Its images are noise-like; it exists so that every path runs offline.\n"
     )
     (out / "default_model.json").write_text(json.dumps({"seed": seed}, indent=2))
     return out

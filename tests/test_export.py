@@ -84,7 +84,8 @@ def test_host_position_embedding_equals_diffusers_for_every_bin(components, defa
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
     manifest = json.loads((default_export / "manifest.json").read_text())
-    base, scale = manifest["transformer"]["pos_embed"]["base_size"], manifest["transformer"]["pos_embed"]["interpolation_scale"]
+    geometry = manifest["transformer"]["pos_embed"]
+    base, scale = geometry["base_size"], geometry["interpolation_scale"]
     assert (base, scale) == (64.0, 2.0)  # sample_size 128 / patch 2, PixArt-Σ 1024's stretch
     dim = 64  # the formula does not depend on width; small keeps this fast
     for h_px, w_px in manifest["aspect_ratio_bins"].values():

@@ -1,0 +1,166 @@
+"""The engine's own behaviour: determinism, sizes, formats, guidance, progress, cancellation, batching, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import Cancelled, GenerationRequest, InvalidRequest
+
+FAST = dict(num_inference_steps=2, image_size=(512, 512))
+
+
+def pixels(result) -> np.ndarray:
+    return np.stack([im.pixels for im in result.images])
+
+
+def test_engine_runs_without_torch_diffusers_or_transformers(default_export):
+    code = f"""
+import sys, json
+from engine import Engine, GenerationRequest
+e = Engine.load({str(default_export)!r})
+r = e.generate(GenerationRequest(prompt="a cat", num_inference_steps=1, image_size=(256, 256), seed=1))
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))
+print(json.dumps({{"heavy": heavy, "shape": list(r.images[0].pixels.shape)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"heavy": [], "shape": [256, 256, 3]}
+
+
+def test_same_seed_same_pixels_and_random_seed_is_reported(engine):
+    a = engine.generate(GenerationRequest(prompt="a lighthouse", seed=7, **FAST))
+    b = engine.generate(GenerationRequest(prompt="a lighthouse", seed=7, **FAST))
+    c = engine.generate(GenerationRequest(prompt="a lighthouse", seed=8, **FAST))
+    assert a.seed == 7 and np.array_equal(pixels(a), pixels(b))
+    assert not np.array_equal(pixels(a), pixels(c))
+    r = engine.generate(GenerationRequest(prompt="a lighthouse", **FAST))
+    assert 0 <= r.seed < 2**63
+    again = engine.generate(GenerationRequest(prompt="a lighthouse", seed=r.seed, **FAST))
+    assert np.array_equal(pixels(r), pixels(again))
+
+
+@pytest.mark.parametrize("fmt,pil_name", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_formats_and_exact_custom_size(engine, fmt, pil_name):
+    r = engine.generate(GenerationRequest(prompt="a boat", seed=3, output_format=fmt, num_inference_steps=1,
+                                          image_size=(300, 700)))
+    im = r.images[0]
+    decoded = Image.open(io.BytesIO(im.data))
+    assert decoded.format == pil_name and decoded.size == (300, 700) == (im.width, im.height)
+    assert im.content_type == f"image/{fmt}"
+    if fmt == "png":  # lossless: the bytes are the pixels
+        assert np.array_equal(np.asarray(decoded.convert("RGB")), im.pixels)
+
+
+def test_presets_give_their_sizes(engine):
+    r = engine.generate(GenerationRequest(prompt="x", seed=1, num_inference_steps=1, image_size="landscape_16_9"))
+    assert r.images[0].pixels.shape == (576, 1024, 3)
+
+
+class CountingSession:
+    """Wraps the real transformer session to record the batch each call gets (the model still runs)."""
+
+    def __init__(self, session):
+        self.session, self.batches = session, []
+
+    def run(self, names, feeds):
+        self.batches.append(feeds["latents"].shape[0])
+        return self.session.run(names, feeds)
+
+
+def test_guidance_at_most_one_skips_the_unconditional_half(engine, monkeypatch):
+    spy = CountingSession(engine.transformer)
+    monkeypatch.setattr(engine, "transformer", spy)
+    engine.generate(GenerationRequest(prompt="x", seed=1, guidance_scale=1.0, num_images=2, **FAST))
+    engine.generate(GenerationRequest(prompt="x", seed=1, guidance_scale=4.5, num_images=2, **FAST))
+    assert spy.batches == [2, 2, 4, 4]
+
+
+def test_progress_timings_and_cancel(engine):
+    seen = []
+    r = engine.generate(GenerationRequest(prompt="x", seed=1, num_inference_steps=3, image_size=(512, 512)),
+                        on_step=lambda step, total: seen.append((step, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert {"text_encoding", "denoising", "decoding", "safety", "image_encoding", "total"} <= set(r.timings)
+    assert all(v >= 0 for v in r.timings.values())
+    steps = []
+    with pytest.raises(Cancelled):
+        engine.generate(GenerationRequest(prompt="x", seed=1, num_inference_steps=5, image_size=(512, 512)),
+                        on_step=lambda s, t: steps.append(s), should_cancel=lambda: len(steps) >= 2)
+    assert steps == [1, 2]  # stopped at the next step
+
+
+def test_batched_requests_equal_running_alone(engine):
+    a = GenerationRequest(prompt="a red cube", seed=11, guidance_scale=4.5, **FAST)
+    b = GenerationRequest(prompt="a blue sphere on a table", negative_prompt="dark", seed=12, guidance_scale=7.0,
+                          num_images=2, image_size=(600, 600), num_inference_steps=2, scheduler="DPM-SOLVER")
+    assert engine.batch_key(a) == engine.batch_key(b)
+    together = engine.generate_batch([a, b])
+    for req, res in zip([a, b], together, strict=True):
+        alone = engine.generate(req)
+        np.testing.assert_array_equal(pixels(res), pixels(alone))
+
+
+def test_cancelling_one_request_of_a_batch_leaves_the_other_intact(engine):
+    a = GenerationRequest(prompt="one", seed=1, scheduler="SA-SOLVER", num_inference_steps=3, image_size=(512, 512))
+    b = dataclasses.replace(a, prompt="two", seed=2)
+    steps = []
+    out = engine.generate_batch([a, b], on_step=lambda s, t: steps.append(s), should_cancel=lambda i: i == 0 and
+                                len(steps) >= 1)
+    assert isinstance(out[0], Cancelled)
+    np.testing.assert_array_equal(pixels(out[1]), pixels(engine.generate(b)))
+
+
+def test_styles_change_the_prompt(engine):
+    plain = engine.generate(GenerationRequest(prompt="a castle", seed=5, **FAST))
+    styled = engine.generate(GenerationRequest(prompt="a castle", seed=5, style="Anime", **FAST))
+    assert not np.array_equal(pixels(plain), pixels(styled))
+
+
+BAD = [
+    ("prompt", dict(prompt="   ")),
+    ("prompt", dict(prompt="x" * 10_001)),
+    ("negative_prompt", dict(negative_prompt="x" * 10_001)),
+    ("style", dict(style="Watercolor")),
+    ("image_size", dict(image_size="huge")),
+    ("image_size.width", dict(image_size=(255, 512))),
+    ("image_size.height", dict(image_size=(512, 2049))),
+    ("num_inference_steps", dict(num_inference_steps=0)),
+    ("num_inference_steps", dict(num_inference_steps=101)),
+    ("scheduler", dict(scheduler="EULER")),
+    ("guidance_scale", dict(guidance_scale=float("nan"))),
+    ("guidance_scale", dict(guidance_scale=20.5)),
+    ("seed", dict(seed=-1)),
+    ("seed", dict(seed=2**63)),
+    ("num_images", dict(num_images=9)),
+    ("num_images", dict(num_images=0)),
+    ("output_format", dict(output_format="gif")),
+    ("sync_mode", dict(sync_mode="yes")),
+    ("enable_safety_checker", dict(enable_safety_checker=True)),  # this engine has no checker
+    ("latents", dict(latents=np.zeros((1, 4, 8, 8), np.float32))),
+]
+
+
+@pytest.mark.parametrize("field,bad", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
+def test_bad_input_names_the_field(engine, field, bad):
+    request = dataclasses.replace(GenerationRequest(prompt="ok"), **bad)
+    with pytest.raises(InvalidRequest) as err:
+        engine.check(request)
+    assert [f for f, _ in err.value.violations] == [field]
+    assert field in str(err.value)
+    with pytest.raises(InvalidRequest):
+        engine.generate(request)
+
+
+def test_every_bad_field_is_reported_at_once(engine):
+    request = GenerationRequest(prompt="", num_images=0, scheduler="?", seed=-5)
+    with pytest.raises(InvalidRequest) as err:
+        engine.check(request)
+    assert {f for f, _ in err.value.violations} == {"prompt", "num_images", "scheduler", "seed"}
