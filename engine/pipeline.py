@@ -12,8 +12,10 @@ import json
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,11 @@ from engine.text import T5Tokenizer, apply_style, preprocess
 log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# Text is encoded and cross-attended only up to the batch's longest prompt, rounded up to this many tokens.
+# Padding is masked out (T5: -inf bias, transformer: -10000 bias, both exp() to 0), so trimming changes
+# nothing but the work; the rounding keeps the padded length, and so the arithmetic, the same for a request
+# whether it runs alone or in a batch (the bucket is part of the batch key).
+TEXT_BUCKET = 32
 PIL_FORMATS = {
     "png": ("PNG", {"compress_level": 4}),
     "jpeg": ("JPEG", {"quality": 95}),
@@ -52,13 +59,30 @@ class _Job:
 
 
 class Engine:
-    def __init__(self, export_dir: str | Path, providers: list[str] | tuple[str, ...] | None = None):
+    """Loads an export folder; `variant` picks a graph set from the manifest (e.g. "int8")."""
+
+    def __init__(
+        self,
+        export_dir: str | Path,
+        providers: list[str] | tuple[str, ...] | None = None,
+        *,
+        variant: str = "fp32",
+        intra_op_threads: int = 0,
+        trim_text: bool = True,
+        text_cache_mb: float = 256,
+    ):
         self.path = Path(export_dir)
         self.manifest = json.loads((self.path / "manifest.json").read_text())
-        files = self.manifest["files"]
-        self.text_encoder = create_session(self.path / files["text_encoder"], providers)
-        self.transformer = create_session(self.path / files["transformer"], providers)
-        self.vae_decoder = create_session(self.path / files["vae_decoder"], providers)
+        variants = self.manifest.get("variants", {})
+        if variant != "fp32" and variant not in variants:
+            raise ValueError(f"variant: this export has {['fp32', *variants]}, not {variant!r}")
+        files = {**self.manifest["files"], **variants.get(variant, {})}
+        self.variant = variant
+        self.text_encoder = create_session(self.path / files["text_encoder"], providers, intra_op_threads)
+        self.transformer = create_session(self.path / files["transformer"], providers, intra_op_threads)
+        self.vae_decoder = create_session(self.path / files["vae_decoder"], providers, intra_op_threads)
+        self.trim_text = trim_text
+        self.text_cache = EmbeddingCache(int(text_cache_mb * 2**20))
         self.tokenizer = T5Tokenizer.from_file(self.path / files["tokenizer"])
         tr = self.manifest["transformer"]
         self.patch_size = int(tr["config"]["patch_size"])
@@ -73,8 +97,8 @@ class Engine:
         self.has_safety_checker = bool(self.manifest.get("safety_checker"))
 
     @classmethod
-    def load(cls, export_dir: str | Path, providers: list[str] | tuple[str, ...] | None = None) -> Engine:
-        return cls(export_dir, providers)
+    def load(cls, export_dir: str | Path, providers: list[str] | tuple[str, ...] | None = None, **options) -> Engine:
+        return cls(export_dir, providers, **options)
 
     @property
     def providers(self) -> list[str]:
@@ -102,7 +126,21 @@ class Engine:
 
     def batch_key(self, request: GenerationRequest) -> tuple:
         """Requests with equal keys can share one transformer batch."""
-        return (self.binned_size(request), request.num_inference_steps, request.scheduler, request.do_guidance)
+        texts = self.prompt_texts(request)
+        return (
+            self.binned_size(request), request.num_inference_steps, request.scheduler, request.do_guidance,
+            self.text_length(max(self.tokenizer.count_tokens(t) for t in texts)),
+        )
+
+    def prompt_texts(self, request: GenerationRequest) -> tuple[str, ...]:
+        """What T5 reads: the styled, cleaned prompt, then (when guided) the negative prompt."""
+        return _prompt_texts(request.style, request.prompt, request.negative_prompt, request.clean_caption,
+                             request.do_guidance)
+
+    def text_length(self, tokens: int) -> int:
+        if not self.trim_text:
+            return self.max_sequence_length
+        return min(self.max_sequence_length, -(-tokens // TEXT_BUCKET) * TEXT_BUCKET)
 
     def warmup(self) -> None:
         self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=1, image_size=(512, 512), seed=0))
@@ -150,12 +188,7 @@ class Engine:
         steps, guided = first.num_inference_steps, first.do_guidance
 
         # 1. Text: prompt and (when guided) negative prompt, styles applied first, encoded in one T5 batch.
-        texts: list[str] = []
-        for i in live:
-            prompt, negative = apply_style(requests[i].style, requests[i].prompt, requests[i].negative_prompt)
-            texts.append(preprocess(prompt, requests[i].clean_caption))
-            if guided:
-                texts.append(preprocess(negative, requests[i].clean_caption))
+        texts = [t for i in live for t in self.prompt_texts(requests[i])]
         embeds, masks = self.encode_text(texts)
         per_request = 2 if guided else 1
         t_text = time.perf_counter()
@@ -260,12 +293,25 @@ class Engine:
     # ---- stages ---------------------------------------------------------------------------------------------
 
     def encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """T5 last hidden states (B, L, C) and the int64 mask, for already preprocessed texts."""
+        """T5 last hidden states (B, L, C) and the int64 mask for preprocessed texts, L = the batch's text length.
+
+        Texts already in the cache are not encoded again (the default empty negative prompt, repeated prompts).
+        """
         ids, mask, truncated = self.tokenizer.encode(texts, max_length=self.max_sequence_length)
-        for text, cut in zip(texts, truncated, strict=True):
-            if cut:
-                log.warning("prompt longer than %d tokens was truncated: %.80r", self.max_sequence_length, text)
-        embeds = self.text_encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        length = self.text_length(int(mask.sum(1).max()))
+        ids, mask = ids[:, :length], mask[:, :length]
+        found = {t: v for t in texts if (v := self.text_cache.get((t, length))) is not None}
+        todo = {t: n for n, t in enumerate(texts) if t not in found}
+        if todo:
+            rows = list(todo.values())
+            for n in rows:
+                if truncated[n]:
+                    log.warning("prompt longer than %d tokens was truncated: %.80r", self.max_sequence_length, texts[n])
+            fresh = self.text_encoder.run(None, {"input_ids": ids[rows], "attention_mask": mask[rows]})[0]
+            for t, row in zip(todo, fresh, strict=True):
+                found[t] = row
+                self.text_cache.put((t, length), row)
+        embeds = np.stack([found[t] for t in texts])
         return embeds, mask
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -282,3 +328,35 @@ class Engine:
         return GeneratedImage(pixels=pixels, data=buf.getvalue(), content_type=CONTENT_TYPES[fmt],
                               file_name=f"image_{index}.{ext}")
 
+
+@lru_cache(maxsize=1024)
+def _prompt_texts(style: str, prompt: str, negative: str, clean: bool, guided: bool) -> tuple[str, ...]:
+    prompt, negative = apply_style(style, prompt, negative)
+    if guided:
+        return preprocess(prompt, clean), preprocess(negative, clean)
+    return (preprocess(prompt, clean),)
+
+
+class EmbeddingCache:
+    """Least-recently-used T5 outputs, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple[str, int]) -> np.ndarray | None:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[str, int], value: np.ndarray) -> None:
+        if key in self.entries or value.nbytes > self.max_bytes:
+            return
+        value = value.copy()
+        value.flags.writeable = False
+        self.entries[key] = value
+        self.bytes += value.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes

@@ -19,6 +19,7 @@ import logging
 import platform
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -280,7 +281,9 @@ def _export(module: nn.Module, args: tuple, path: Path, *, inputs, outputs, dyna
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
     # The exporter scatters one file per tensor beside a >2 GB graph: trace into a scratch folder, then re-save.
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad():
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about every Python branch it freezes; the graphs are checked against torch in tests.
+        warnings.simplefilter("ignore")
         traced = Path(scratch) / path.name
         torch.onnx.export(
             module, args, str(traced), input_names=inputs, output_names=outputs, dynamic_axes=dynamic,

@@ -164,3 +164,39 @@ def test_every_bad_field_is_reported_at_once(engine):
     with pytest.raises(InvalidRequest) as err:
         engine.check(request)
     assert {f for f, _ in err.value.violations} == {"prompt", "num_images", "scheduler", "seed"}
+
+
+def test_text_trimming_changes_nothing_but_the_work(engine, default_export):
+    from engine import Engine
+
+    untrimmed = Engine.load(default_export, providers=["CPUExecutionProvider"], trim_text=False)
+    texts = ["a tiny house on a hill", ""]
+    short, short_mask = engine.encode_text(texts)
+    full, full_mask = untrimmed.encode_text(texts)
+    assert short.shape[1] == 32 and full.shape[1] == 300  # trimmed to the bucket above the longest prompt
+    real = short_mask.astype(bool)
+    np.testing.assert_array_equal(short_mask, full_mask[:, :32])
+    np.testing.assert_allclose(short[real], full[:, :32][real], atol=1e-5)
+    request = GenerationRequest(prompt=texts[0], seed=2, **FAST)
+    a, b = pixels(engine.generate(request)), pixels(untrimmed.generate(request))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_prompt_embeddings_are_cached_and_bounded(engine, default_export, monkeypatch):
+    from engine import Engine
+    from engine.pipeline import EmbeddingCache
+
+    fresh = Engine.load(default_export, providers=["CPUExecutionProvider"])
+    calls = []
+    real_run = fresh.text_encoder.run
+    monkeypatch.setattr(fresh.text_encoder, "run", lambda names, feeds: calls.append(len(feeds["input_ids"])) or
+                        real_run(names, feeds), raising=False)
+    fresh.encode_text(["a dog", ""])
+    fresh.encode_text(["a cat", ""])  # the empty negative prompt is not encoded again
+    fresh.encode_text(["a dog", "a cat"])
+    assert calls == [2, 1]
+
+    cache = EmbeddingCache(max_bytes=3 * 400)
+    for n in range(5):
+        cache.put((str(n), 1), np.zeros(100, np.float32))  # 400 bytes each
+    assert cache.bytes <= 1200 and list(k for k, _ in cache.entries) == ["2", "3", "4"]
