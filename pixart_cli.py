@@ -12,7 +12,8 @@ from pathlib import Path
 def _export(args: argparse.Namespace) -> None:
     from export.onnx_export import export_model
 
-    manifest = export_model(args.model, args.out, base=args.base, precision=args.precision, progress=not args.quiet)
+    manifest = export_model(args.model, args.out, base=args.base, precision=args.precision,
+                            optimize=not args.no_optimize, int8=args.int8, progress=not args.quiet)
     print(f"exported to {manifest.parent} (manifest: {manifest.name})")
 
 
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="where the text encoder, tokenizer and VAE come from (2K model)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--precision", default="fp32", choices=["fp32"])
+    p.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's fused graphs")
+    p.add_argument("--int8", action="store_true", help="also write int8-weight transformer and text encoder graphs")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_export)
 

@@ -59,14 +59,15 @@ class _Job:
 
 
 class Engine:
-    """Loads an export folder; `variant` picks a graph set from the manifest (e.g. "int8")."""
+    """Loads an export folder; `variant` picks a graph set from the manifest: "fp32" (plain), "optimized" (fused,
+    the default when exported) or "int8"."""
 
     def __init__(
         self,
         export_dir: str | Path,
         providers: list[str] | tuple[str, ...] | None = None,
         *,
-        variant: str = "fp32",
+        variant: str | None = None,
         intra_op_threads: int = 0,
         trim_text: bool = True,
         text_cache_mb: float = 256,
@@ -74,6 +75,7 @@ class Engine:
         self.path = Path(export_dir)
         self.manifest = json.loads((self.path / "manifest.json").read_text())
         variants = self.manifest.get("variants", {})
+        variant = variant or ("optimized" if "optimized" in variants else "fp32")
         if variant != "fp32" and variant not in variants:
             raise ValueError(f"variant: this export has {['fp32', *variants]}, not {variant!r}")
         files = {**self.manifest["files"], **variants.get(variant, {})}

@@ -8,10 +8,11 @@ Notation (both papers): the VP forward process is x_t = alpha_t x_0 + sigma_t ep
 diffusers indexes its schedule by the ratio s = sigma_t / alpha_t, so alpha = 1/sqrt(1+s^2), sigma = s alpha and the
 half log-SNR lambda = ln(alpha/sigma) = -ln s. Both solvers integrate the data-prediction ODE/SDE in lambda.
 
-Precision: the schedule arrays (betas, alphas_cumprod, the per-step s) are float32 and bit-identical to the tensors
-diffusers builds; the per-step scalar coefficients and the array updates are done in float64 and the result is
-rounded to float32 once. diffusers does the same math in float32 throughout, so the two agree to float32 rounding,
-not bit for bit (tests/test_schedulers.py states the tolerance reached).
+Precision: betas and alphas_cumprod are float32 and bit-identical to diffusers' tensors; the per-step ratios s are
+float32 and within one ulp of them (torch's CPU float32 sqrt is not correctly rounded; numpy's is). The per-step scalar
+coefficients and the array updates are float64, rounded to float32 once per step. diffusers does the same math in
+float32, so the two agree to float32 rounding, not bit for bit: at t = 999 the eps-to-x0 conversion divides by
+alpha ~ 0.006, so one ulp of difference in sigma becomes ~1e-5 in x0 (tests/test_schedulers.py states what is reached).
 
 Everything applied to a sample is elementwise with per-step scalar coefficients, so row i of a batched call equals the
 same row computed alone, whatever else shares the batch.
@@ -196,7 +197,8 @@ class Scheduler:
         self.num_inference_steps = 0
         self._step_index = 0
 
-    def _final_sigma(self, num_inference_steps: int) -> float:
+    def _final_sigma(self) -> float:
+        """Where the last step lands (the N+1-th sigma)."""
         raise NotImplementedError
 
     def _reset(self) -> None:
@@ -211,9 +213,11 @@ class Scheduler:
         )
         self.timesteps = ts
         # N+1 sigmas: one per timestep, then where the last step lands.
-        final = np.float32(self._final_sigma(len(ts)))
+        final = np.float32(self._final_sigma())
         self.sigmas = np.concatenate([self.schedule.sigmas_at(ts), [final]]).astype(np.float32)
         self.num_inference_steps = len(ts)
+        # Always start at index 0: diffusers looks the first timestep up instead, which is the same index unless
+        # timesteps repeat, and that takes N close to num_train_timesteps, far beyond the step counts served.
         self._step_index = 0
         self._reset()
         return ts
@@ -248,7 +252,7 @@ class DPMSolverMultistep(Scheduler):
         super().__init__(cfg)
         self._reset()
 
-    def _final_sigma(self, num_inference_steps: int) -> float:
+    def _final_sigma(self) -> float:
         if self.config["final_sigmas_type"] == "zero":
             return 0.0
         return float(self.schedule.sigmas[0])
@@ -309,7 +313,7 @@ class DPMSolverMultistep(Scheduler):
 def _lagrange_exp_integrals(nodes: list[float], lam_s: float, lam_t: float, c: float) -> np.ndarray:
     """b_i = integral over [lam_s, lam_t] of e^{c lambda} l_i(lambda), l_i the Lagrange basis on `nodes`.
 
-    These are the SA-Solver weights (paper Sec. 4, the closed-form integrals of its Lagrange interpolant). They are
+    These are the SA-Solver weights (the closed-form integrals of the paper's Lagrange interpolant). They are
     computed in u = lambda - lam_s, where the monomial moments M_m = int_0^h u^m e^{cu} du follow from integration by
     parts, M_m = (h^m e^{ch} - m M_{m-1}) / c; expanding around 0 instead of around lambda itself avoids cancelling
     large terms, and the result equals diffusers' expanded form exactly in exact arithmetic.
@@ -364,7 +368,7 @@ class SASolver(Scheduler):
         self._history_len = max(predictor_order, corrector_order - 1)
         self._reset()
 
-    def _final_sigma(self, num_inference_steps: int) -> float:
+    def _final_sigma(self) -> float:
         return float(self.schedule.sigmas[0])
 
     def _reset(self) -> None:

@@ -189,14 +189,21 @@ def export_model(
     *,
     base: str | Path | None = None,
     precision: str = "fp32",
+    optimize: bool = True,
+    int8: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Export the checkpoint `model` (None: the embedded default) to `out_dir`; return the manifest's path."""
+    """Export the checkpoint `model` (None: the embedded default) to `out_dir`; return the manifest's path.
+
+    Besides the plain fp32 graphs: `optimize` adds ONNX Runtime's fused graphs (variant "optimized", the
+    engine's default), `int8` adds int8-weight graphs of the transformer and text encoder (variant "int8").
+    """
     if precision != "fp32":
         raise ValueError(f"precision: only fp32 is exported so far, got {precision!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = ["load", "text_encoder", "transformer", "vae_decoder", "tokenizer", "manifest"]
+    steps += ["optimize"] * optimize + ["int8"] * int8
     bar = tqdm(total=len(steps), desc="export", unit="step", disable=not progress)
     started = time.perf_counter()
 
@@ -222,7 +229,8 @@ def export_model(
 
     files["tokenizer"] = tokenizer_json_for(c["tokenizer_dir"], out / "tokenizer.json")
     advance("tokenizer")
-    manifest = build_manifest(model, c, files, out, precision, time.perf_counter() - started)
+    variants, fusions = make_variants(c, files, out, optimize, int8, advance)
+    manifest = build_manifest(model, c, files, variants, fusions, precision, time.perf_counter() - started)
     path = out / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     advance("manifest")
@@ -230,7 +238,32 @@ def export_model(
     return path
 
 
-def build_manifest(model, c: dict, files: dict[str, Path], out: Path, precision: str, seconds: float) -> dict:
+def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, int8: bool, advance) -> tuple[dict, dict]:
+    from export.optimize import fuse, quantize_int8
+
+    shapes = {
+        "transformer": (c["transformer"].config.num_attention_heads, c["transformer"].inner_dim),
+        "text_encoder": (c["text_encoder"].config.num_heads, c["text_encoder"].config.d_model),
+    }
+    variants: dict[str, dict[str, Path]] = {}
+    fusions: dict[str, dict[str, int]] = {}
+    if optimize:
+        variants["optimized"] = {}
+        for name, (heads, hidden) in shapes.items():
+            target = out / f"{name}.opt.onnx"
+            fusions[name] = fuse(files[name], target, name, heads, hidden)
+            variants["optimized"][name] = target
+        advance("fused")
+    if int8:
+        source = variants.get("optimized", files)
+        variants["int8"] = {name: quantize_int8(source[name], out / f"{name}.int8.onnx") for name in shapes}
+        advance("int8")
+    return variants, fusions
+
+
+def build_manifest(
+    model, c: dict, files: dict[str, Path], variants: dict, fusions: dict, precision: str, seconds: float
+) -> dict:
     import diffusers
     import onnx
     import transformers
@@ -238,14 +271,18 @@ def build_manifest(model, c: dict, files: dict[str, Path], out: Path, precision:
     tr, vae, te = c["transformer"], c["vae"], c["text_encoder"]
     base_size, interpolation_scale = pos_embed_geometry(tr)
     hashed = {}
-    for name, f in files.items():
-        paths = [f] + ([f.with_name(f.name + ".data")] if f.with_name(f.name + ".data").exists() else [])
-        hashed[name] = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in paths}
+    every_file = list(files.values()) + [f for v in variants.values() for f in v.values()]
+    for f in every_file:
+        for p in [f, f.with_name(f.name + ".data")]:
+            if p.exists():
+                hashed[p.name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
     return {
         "format": "pixart-sigma-onnx/1",
         "source_model": str(model),
         "precision": precision,
         "files": {name: f.name for name, f in files.items()},
+        "variants": {v: {name: f.name for name, f in graphs.items()} for v, graphs in variants.items()},
+        "fusions": fusions,
         "hashes": hashed,
         "transformer": {
             "config": _jsonable(dict(tr.config)),

@@ -103,10 +103,11 @@ def test_manifest_holds_what_the_runtime_needs(default_export):
     assert manifest["text_encoder"]["max_sequence_length"] == 300
     assert len(manifest["aspect_ratio_bins"]) == 33 and manifest["aspect_ratio_bins"]["1.0"] == [1024, 1024]
     assert {"torch", "diffusers", "transformers", "onnx"} <= set(manifest["versions"])
-    for name, files in manifest["hashes"].items():
-        for file_name, meta in files.items():
-            data = (default_export / file_name).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == meta["sha256"], name
+    listed = set(manifest["files"].values()) | {f for v in manifest["variants"].values() for f in v.values()}
+    assert listed <= set(manifest["hashes"])
+    for file_name, meta in manifest["hashes"].items():
+        data = (default_export / file_name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == meta["sha256"], file_name
     assert (default_export / manifest["files"]["tokenizer"]).exists()
 
 
@@ -154,3 +155,28 @@ def test_export_at_real_dimensions(tmp_path, monkeypatch):
         "encoder_hidden_states": ref_text.numpy(), "encoder_attention_mask": mask.numpy(), "pos_embed": pos,
     })[0]
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("component", ["transformer", "text_encoder"])
+def test_fused_graphs_match_the_plain_ones_and_fusions_landed(default_export, component):
+    from export.optimize import op_counts
+
+    manifest = json.loads((default_export / "manifest.json").read_text())
+    fused_path = default_export / manifest["variants"]["optimized"][component]
+    landed = manifest["fusions"][component]
+    assert landed and all(n > 0 for n in landed.values())
+    counts = op_counts(fused_path)
+    assert all(counts[op] == n for op, n in landed.items())
+    rng = np.random.default_rng(0)
+    if component == "text_encoder":
+        feeds = {"input_ids": rng.integers(2, 1000, (2, 32)), "attention_mask": np.ones((2, 32), np.int64)}
+        feeds["attention_mask"][1, 5:] = 0
+    else:
+        feeds = {"latents": rng.standard_normal((2, 4, 96, 168), np.float32),
+                 "timestep": np.array([999.0, 3.0], np.float32),
+                 "encoder_hidden_states": rng.standard_normal((2, 32, 48), np.float32),
+                 "encoder_attention_mask": np.ones((2, 32), np.int64),
+                 "pos_embed": sincos_pos_embed(32, 48, 84, 64.0, 2.0)}
+    plain = _session(default_export / manifest["files"][component]).run(None, feeds)[0]
+    fused = _session(fused_path).run(None, feeds)[0]
+    np.testing.assert_allclose(fused, plain, atol=1e-5 * np.abs(plain).max())
