@@ -91,12 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
     p.set_defaults(func=_infer)
 
-    try:
-        from server.cli import register
-    except ImportError:  # the service's subcommands appear once server/ is installed
-        pass
-    else:
-        register(sub)
+    from server.cli import register
+
+    register(sub)
     return parser
 
 

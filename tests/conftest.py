@@ -5,22 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest_server import export_dir
 
 
 @pytest.fixture(scope="session")
-def default_checkpoint(tmp_path_factory) -> Path:
+def default_export() -> Path:
+    """`pixart export --out DIR` of the embedded default (one build for every test module, servers included)."""
+    return export_dir()
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint(default_export, tmp_path_factory) -> Path:
+    """The diffusers-format checkpoint the export was made from (built next to it by `pixart export`)."""
+    built = default_export / "checkpoint"
+    if (built / "model_index.json").exists():
+        return built
     from export.default_model import build_default_model
 
     return build_default_model(tmp_path_factory.mktemp("default") / "checkpoint")
-
-
-@pytest.fixture(scope="session")
-def default_export(default_checkpoint, tmp_path_factory) -> Path:
-    from export.onnx_export import export_model
-
-    out = tmp_path_factory.mktemp("default_onnx")
-    export_model(default_checkpoint, out, progress=False)
-    return out
 
 
 @pytest.fixture(scope="session")

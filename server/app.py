@@ -1,0 +1,311 @@
+"""The server's lifecycle: bind, load and warm the engine, recover the durable queue, serve, drain, stop.
+
+Health says NOT_SERVING from the moment the port is open until the engine is loaded and warmed up, and again
+from the first moment of draining; calls that need the engine get UNAVAILABLE meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.rpc import status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.request import GenerationResult, InvalidRequest
+from protos.pixart.v1 import pixart_pb2 as pb
+from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
+
+from . import convert
+from . import store as st
+from .auth import ApiKeyInterceptor
+from .http import SideServer
+from .metrics import STAGES, Metrics
+from .queue import Job, Scheduler, ShutdownAbort
+from .service import PixArtService, outcome_status
+
+log = logging.getLogger("pixart.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PixArt"].full_name
+# 8 PNGs of 2048x2048 RGB are at most ~8 x 12.6 MB plus framing; 256 MiB leaves room for incompressible data.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_REQUEST_BYTES = 1 * 1024 * 1024  # two 10,000-character prompts are < 100 kB even in 4-byte UTF-8
+
+
+@dataclass
+class ServerConfig:
+    engine: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = 9464  # also serves stored results; None: no HTTP server (sync_mode=false refused)
+    public_url: str | None = None  # base of result URLs as callers reach them; default http://host:metrics_port
+    max_queue: int = 64
+    max_batch: int = 4
+    max_batch_images: int = 4
+    max_wait_ms: float = 10.0
+    store: str = "pixart-store"
+    result_ttl_s: float = 24 * 3600.0
+    api_keys: list[str] = field(default_factory=list)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    grace_s: float = 30.0
+    providers: list[str] | None = None
+    warmup: bool = True
+    port_file: str | None = None  # written once serving, as JSON {"port", "metrics_port"}: for port 0
+    webhook_timeout_s: float = 10.0
+
+
+class App:
+    def __init__(self, config: ServerConfig, engine_loader: Any = None):
+        self.config = config
+        self._engine_loader = engine_loader
+        self.engine: Any = None
+        self.scheduler: Scheduler | None = None
+        self.draining = False
+        self.metrics = Metrics()
+        self.store = st.Store(config.store)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.side: SideServer | None = None
+        self.port = 0
+        self._webhooks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pixart-webhook")
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+
+    # -- start ----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the ports (health NOT_SERVING); the engine loads afterwards in load_engine()."""
+        cfg = self.config
+        interceptors = []
+        if cfg.api_keys:
+            interceptors.append(
+                ApiKeyInterceptor(
+                    cfg.api_keys,
+                    on_reject=lambda m: self.metrics.requests.labels(m.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc(),
+                )
+            )
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ],
+        )
+        pb_grpc.add_PixArtServicer_to_server(PixArtService(self), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert and cfg.tls_key:
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if cfg.metrics_port is not None:
+            self.side = SideServer(cfg.host, cfg.metrics_port, self.metrics.render, self.store.image_path)
+            self.side.start()
+        await self.server.start()
+        self._tasks.append(asyncio.create_task(self._expire_loop()))
+        log.info("listening", extra={"port": self.port, "metrics_port": self.metrics_port, "tls": bool(cfg.tls_cert)})
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.side.port if self.side else None
+
+    def result_url(self, request_id: str, file_name: str) -> str:
+        base = self.config.public_url or (f"http://{self.config.host}:{self.metrics_port}" if self.side else "")
+        return f"{base.rstrip('/')}/results/{request_id}/{file_name}"
+
+    async def load_engine(self) -> None:
+        cfg = self.config
+        t0 = time.monotonic()
+        if self._engine_loader is None:
+            from engine import Engine  # imported here: the server's own modules stay importable without it
+
+            self._engine_loader = Engine.load
+        engine = await asyncio.to_thread(self._engine_loader, cfg.engine, cfg.providers)
+        if cfg.warmup:
+            await asyncio.to_thread(engine.warmup)
+        if self.draining:  # SIGTERM arrived while loading: nothing was scheduled, the store keeps the queue
+            return
+        self.scheduler = Scheduler(
+            engine,
+            max_queue=cfg.max_queue,
+            max_batch=cfg.max_batch,
+            max_batch_images=cfg.max_batch_images,
+            max_wait_s=cfg.max_wait_ms / 1000.0,
+            on_start=self._on_start,
+            on_finish=self._on_finish,
+            metrics=self.metrics,
+        )
+        await asyncio.to_thread(self._recover)
+        self.scheduler.start()
+        self.engine = engine
+        for row in await asyncio.to_thread(self.store.pending_webhooks):
+            self._webhooks.submit(self._send_webhook_row, row)
+        if not self.draining:
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"load_s": round(time.monotonic() - t0, 3)})
+        if cfg.port_file:
+            Path(cfg.port_file).write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port}))
+
+    def _recover(self) -> None:
+        """Put the durable requests that were queued or running at the last stop back in the queue, in order."""
+        rows = self.store.unfinished()
+        for row in rows:
+            msg = pb.GenerateRequest.FromString(row.request)
+            request = convert.request_from_proto(msg)
+            job = Job(request, durable=True, request_bytes=row.request, webhook_url=row.webhook_url, id=row.id)
+            if row.state == st.IN_PROGRESS:
+                self.store.requeue(row.id)
+            try:
+                self.scheduler.engine.check(request)
+            except InvalidRequest as exc:  # the engine changed under a stored request: it fails, visibly
+                self._on_finish(job, st.FAILED, exc)
+                continue
+            job.add_log("recovered after a server restart")
+            self.scheduler.submit(job, force=True)
+        if rows:
+            log.info("recovered durable requests", extra={"count": len(rows)})
+
+    # -- the worker thread's callbacks ----------------------------------------------------------------------
+    def _on_start(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.durable:
+                self.store.set_running(job.id)
+
+    def _on_finish(self, job: Job, state: str, outcome: BaseException | None = None) -> None:
+        outcome = outcome if outcome is not None else job.outcome
+        if isinstance(outcome, ShutdownAbort) and job.durable:
+            return  # left IN_PROGRESS in the store: it runs again at the next start
+        self.metrics.outcomes.labels(state).inc()
+        result_bytes = error_bytes = None
+        images: list[tuple[str, bytes]] = []
+        if isinstance(outcome, GenerationResult):
+            self.metrics.images.inc(len(outcome.images))
+            for stage in STAGES:
+                if stage in outcome.timings:
+                    self.metrics.stage_seconds.labels(stage).observe(outcome.timings[stage])
+            stored = convert.result_to_proto(outcome, job.id, queue_s=job.queue_s, include_data=False)
+            result_bytes = stored.SerializeToString()
+            if job.durable or not job.request.sync_mode:
+                images = [(img.file_name, img.data) for img in outcome.images]
+        else:
+            error_bytes = outcome_status(outcome).SerializeToString()
+        if job.durable or images:
+            self.store.finish(
+                job.id,
+                state,
+                request=job.request_bytes or convert.request_to_proto(job.request).SerializeToString(),
+                result=result_bytes,
+                images=images,
+                error=error_bytes,
+                logs=job.logs,
+            )
+        log.info("ended", extra={"request_id": job.id, "state": state, "queue_s": round(job.queue_s, 4)})
+        if job.webhook_url:
+            row = self.store.get(job.id)
+            if row is not None:
+                self._webhooks.submit(self._send_webhook_row, row)
+
+    # -- queue helpers used by the service ------------------------------------------------------------------
+    def stored_result(self, row: st.Row) -> pb.GenerateResult:
+        result = pb.GenerateResult.FromString(row.result)
+        request = pb.GenerateRequest.FromString(row.request)
+        sync = request.sync_mode if request.HasField("sync_mode") else True
+        for img in result.images:
+            if sync:
+                path = self.store.image_path(row.id, img.file_name)
+                img.file_data = path.read_bytes() if path else b""
+            else:
+                img.url = self.result_url(row.id, img.file_name)
+        return result
+
+    def cancel_stored(self, row: st.Row) -> None:
+        self.store.finish(row.id, st.CANCELED, request=row.request, logs=row.logs)
+        if row.webhook_url:
+            self._webhooks.submit(self._send_webhook_row, self.store.get(row.id))
+
+    def _send_webhook_row(self, row: st.Row | None) -> None:
+        """POST the end of a request to its webhook, once: a few tries, then it is marked done either way."""
+        if row is None:
+            return
+        body: dict[str, Any] = {"request_id": row.id, "status": row.state, "payload": None, "error": None}
+        if row.state == st.COMPLETED and row.result:
+            body["payload"] = convert.result_to_json(self.stored_result(row))
+        if row.error:
+            err = status_pb2.Status.FromString(row.error)
+            body["error"] = {"code": convert.grpc_code(err).name, "message": err.message}
+        data = json.dumps(body).encode()
+        for attempt in range(3):
+            try:
+                req = urllib.request.Request(
+                    row.webhook_url, data=data, method="POST", headers={"Content-Type": "application/json"}
+                )
+                with urllib.request.urlopen(req, timeout=self.config.webhook_timeout_s) as resp:
+                    resp.read()
+                break
+            except Exception as exc:  # the receiver's trouble must not become ours: log, retry, give up
+                log.warning("webhook failed", extra={"request_id": row.id, "attempt": attempt + 1, "error": str(exc)})
+                time.sleep(0.5 * (attempt + 1))
+        self.store.mark_webhook_done(row.id)
+
+    async def _expire_loop(self) -> None:
+        period = max(1.0, min(60.0, self.config.result_ttl_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                n = await asyncio.to_thread(self.store.expire, self.config.result_ttl_s)
+                if n:
+                    log.info("expired results", extra={"count": n})
+            except Exception:
+                log.exception("expiry failed")
+
+    # -- stop -----------------------------------------------------------------------------------------------
+    async def drain(self) -> None:
+        """SIGTERM: stop accepting, give back what is queued, finish what runs within the grace period, stop."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining", extra={"grace_s": self.config.grace_s})
+        await self.health.enter_graceful_shutdown()
+        if self.scheduler is not None:
+            for job in self.scheduler.stop_accepting():
+                if job.durable:
+                    continue  # still IN_QUEUE in the store: the next start runs it
+                self.scheduler._complete(job, ShutdownAbort())
+            finished = await asyncio.to_thread(self.scheduler.wait_idle, self.config.grace_s)
+            if not finished:
+                log.warning("grace period over; stopping the running batch")
+                self.scheduler.abort_running()
+                await asyncio.to_thread(self.scheduler.wait_idle, 30.0)
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        for task in self._tasks:
+            task.cancel()
+        if self.scheduler is not None:
+            await asyncio.to_thread(self.scheduler.join, 5.0)
+        await asyncio.to_thread(self._webhooks.shutdown, wait=True)
+        if self.side is not None:
+            self.side.stop()
+        self.store.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

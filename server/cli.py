@@ -1,0 +1,271 @@
+"""`pixart serve` and `pixart generate`: added to the main CLI through register(subparsers).
+
+Every flag of `serve` can also be set from the environment as PIXART_<FLAG> (dashes as underscores, e.g.
+--max-queue -> PIXART_MAX_QUEUE); a flag on the command line wins. Until pixart_cli.py wires this in, run
+`python -m server.cli serve ...` / `python -m server.cli generate ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pixart.server")
+
+
+def _env(flag: str, default: Any = None, kind: Any = str) -> Any:
+    value = os.environ.get("PIXART_" + flag.upper().replace("-", "_"))
+    if value is None or value == "":
+        return default
+    if kind is bool:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return kind(value)
+
+
+def _optional_port(text: str) -> int | None:
+    # "off" (or a negative number) disables the HTTP side server
+    if str(text).lower() in ("off", "none", "") or int(text) < 0:
+        return None
+    return int(text)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        default=_env("engine"),
+        required=_env("engine") is None,
+        help="export folder of the model to serve (PIXART_ENGINE)",
+    )
+    p.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind gRPC and HTTP to")
+    p.add_argument("--port", type=int, default=_env("port", 50051, int), help="gRPC port; 0 picks a free one")
+    p.add_argument(
+        "--metrics-port",
+        type=_optional_port,
+        default=_env("metrics_port", 9464, _optional_port),
+        help="HTTP port for /metrics and stored results; 0 picks a free one, 'off' disables",
+    )
+    p.add_argument(
+        "--public-url",
+        default=_env("public_url"),
+        help="base URL under which callers reach the HTTP port (result URLs); default http://host:port",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=_env("max_queue", 64, int),
+        help="requests that may wait; past it RESOURCE_EXHAUSTED",
+    )
+    p.add_argument("--max-batch", type=int, default=_env("max_batch", 4, int), help="requests per engine batch")
+    p.add_argument(
+        "--max-batch-images",
+        type=int,
+        default=_env("max_batch_images", 4, int),
+        help="images per engine batch (num_images summed)",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=_env("max_wait_ms", 10.0, float),
+        help="how long the oldest waiting request may wait for batch companions",
+    )
+    p.add_argument(
+        "--store", default=_env("store", "pixart-store"), help="folder of the durable queue (SQLite) and stored results"
+    )
+    p.add_argument(
+        "--result-ttl",
+        type=float,
+        default=_env("result_ttl", 86400.0, float),
+        help="seconds a finished request stays retrievable",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted API key (repeatable); PIXART_API_KEYS "
+        "(comma-separated) adds more. No key configured: no authentication",
+    )
+    p.add_argument("--api-keys-file", default=_env("api_keys_file"), help="file of API keys, one a line")
+    p.add_argument("--tls-cert", default=_env("tls_cert"), help="PEM certificate chain; with --tls-key enables TLS")
+    p.add_argument("--tls-key", default=_env("tls_key"), help="PEM private key")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=_env("grace", 30.0, float),
+        help="seconds running work may take to finish after SIGTERM",
+    )
+    p.add_argument("--providers", default=_env("providers"), help="comma-separated ONNX Runtime providers")
+    p.add_argument("--no-warmup", action="store_true", default=_env("no_warmup", False, bool))
+    p.add_argument(
+        "--port-file",
+        default=_env("port_file"),
+        help="write {port, metrics_port} as JSON here once serving (useful with port 0)",
+    )
+    p.add_argument("--log-level", default=_env("log_level", "INFO"))
+    p.add_argument("--log-format", choices=("json", "text"), default=_env("log_format", "json"))
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from .app import ServerConfig
+    from .auth import load_keys
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    return ServerConfig(
+        engine=args.engine,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        public_url=args.public_url,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        max_batch_images=args.max_batch_images,
+        max_wait_ms=args.max_wait_ms,
+        store=args.store,
+        result_ttl_s=args.result_ttl,
+        api_keys=load_keys(args.api_key, args.api_keys_file),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        grace_s=args.grace,
+        providers=[p.strip() for p in args.providers.split(",")] if args.providers else None,
+        warmup=not args.no_warmup,
+        port_file=args.port_file,
+    )
+
+
+async def serve(config: Any) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    from .app import App
+
+    app = App(config)
+    await app.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(app.drain()))
+    try:
+        await app.load_engine()
+    except Exception:
+        log.exception("engine failed to load")
+        await app.stop()
+        raise
+    await app.wait_stopped()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format == "json")
+    asyncio.run(serve(config_from_args(args)))
+    return 0
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--address", default=None, help="server host:port (PIXART_ADDRESS; default 127.0.0.1:50051)")
+    p.add_argument("--key", default=None, help="API key (PIXART_API_KEY)")
+    p.add_argument("--tls", action="store_true", default=_env("tls", False, bool), help="connect with TLS")
+    p.add_argument("--ca", default=_env("ca"), help="PEM root certificates for TLS")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--style")
+    p.add_argument("--image-size", help="a preset (square_hd, square, ...) or WIDTHxHEIGHT")
+    p.add_argument("--steps", type=int, dest="num_inference_steps")
+    p.add_argument("--scheduler", choices=("DPM-SOLVER", "SA-SOLVER"))
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-images", type=int)
+    p.add_argument("--safety-checker", action="store_true", default=None, dest="enable_safety_checker")
+    p.add_argument("--format", choices=("png", "jpeg", "webp"), dest="output_format")
+    p.add_argument("--out", default="out.png", help="output file; with several images, -1, -2... are inserted")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _image_size(text: str | None) -> Any:
+    if not text:
+        return None
+    if "x" in text and text.replace("x", "").isdigit():
+        w, h = text.split("x")
+        return (int(w), int(h))
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .client import Client, PixArtError
+
+    fields = {
+        name: getattr(args, name)
+        for name in (
+            "negative_prompt",
+            "style",
+            "num_inference_steps",
+            "scheduler",
+            "guidance_scale",
+            "seed",
+            "num_images",
+            "enable_safety_checker",
+            "output_format",
+        )
+    }
+    fields["image_size"] = _image_size(args.image_size)
+    bar = None
+    try:
+        with Client(args.address, args.key, tls=args.tls or None, root_certificates=args.ca) as client:
+            result = None
+            for event in client.stream(args.prompt, timeout=args.timeout, **fields):
+                kind = event.WhichOneof("event")
+                if kind == "queued" and not args.quiet:
+                    print(f"queued at position {event.queued.position}", file=sys.stderr)
+                elif kind == "progress" and not args.quiet:
+                    if bar is None:
+                        bar = tqdm(total=event.progress.total_steps, desc="denoising", unit="step", file=sys.stderr)
+                    bar.update(event.progress.step - bar.n)
+                elif kind == "error":
+                    raise PixArtError.from_status(event.error)
+                elif kind == "result":
+                    result = event.result
+    except PixArtError as err:
+        if bar is not None:
+            bar.close()
+        print(f"error: {err}", file=sys.stderr)
+        for field_name, rule in err.violations:
+            print(f"  {field_name}: {rule}", file=sys.stderr)
+        raise SystemExit(1) from None  # the main CLI ignores return values
+    if bar is not None:
+        bar.close()
+    if result is None:
+        raise SystemExit("error: the stream ended without a result")
+    out = Path(args.out)
+    for i, img in enumerate(result.images):
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(img.file_data)
+        print(f"{path} ({img.width}x{img.height}, seed {result.seed}, {result.timings.total:.2f}s)")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `serve` and `generate` to the main CLI's subparsers (each sets `func`)."""
+    p = subparsers.add_parser("serve", help="serve an exported model over gRPC")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    p = subparsers.add_parser("generate", help="generate an image through a running server (live progress)")
+    add_generate_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pixart")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Proto <-> engine dataclasses, and the gRPC shape of a refusal (google.rpc.BadRequest).
+
+The field rules live in engine.request; this module only translates. A value the proto can carry but the
+contract cannot (an enum number this server does not know, a custom size with a side left out) is translated
+into something GenerationRequest.violations() refuses with the right field name, so every rule is written once.
+"""
+
+from __future__ import annotations
+
+import base64
+from urllib.parse import urlsplit
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from engine.request import GenerationRequest, GenerationResult, InvalidRequest
+from protos.pixart.v1 import pixart_pb2 as pb
+
+# proto enum value -> the public API's spelling; UNSPECIFIED means the documented default.
+STYLES: dict[int, str] = {
+    pb.STYLE_UNSPECIFIED: "(No style)",
+    pb.STYLE_NO_STYLE: "(No style)",
+    pb.STYLE_CINEMATIC: "Cinematic",
+    pb.STYLE_PHOTOGRAPHIC: "Photographic",
+    pb.STYLE_ANIME: "Anime",
+    pb.STYLE_MANGA: "Manga",
+    pb.STYLE_DIGITAL_ART: "Digital Art",
+    pb.STYLE_PIXEL_ART: "Pixel art",
+    pb.STYLE_FANTASY_ART: "Fantasy art",
+    pb.STYLE_NEONPUNK: "Neonpunk",
+    pb.STYLE_3D_MODEL: "3D Model",
+}
+IMAGE_SIZES: dict[int, str] = {
+    pb.IMAGE_SIZE_PRESET_UNSPECIFIED: "square_hd",
+    pb.SQUARE_HD: "square_hd",
+    pb.SQUARE: "square",
+    pb.PORTRAIT_4_3: "portrait_4_3",
+    pb.PORTRAIT_16_9: "portrait_16_9",
+    pb.LANDSCAPE_4_3: "landscape_4_3",
+    pb.LANDSCAPE_16_9: "landscape_16_9",
+}
+SCHEDULERS: dict[int, str] = {
+    pb.SCHEDULER_UNSPECIFIED: "DPM-SOLVER",
+    pb.DPM_SOLVER: "DPM-SOLVER",
+    pb.SA_SOLVER: "SA-SOLVER",
+}
+OUTPUT_FORMATS: dict[int, str] = {
+    pb.OUTPUT_FORMAT_UNSPECIFIED: "png",
+    pb.PNG: "png",
+    pb.JPEG: "jpeg",
+    pb.WEBP: "webp",
+}
+
+
+def _reverse(table: dict[int, str]) -> dict[str, int]:
+    # the explicit number, never UNSPECIFIED, so that a round trip names the value
+    return {name: number for number, name in table.items() if number != 0}
+
+
+STYLE_NUMBERS = _reverse(STYLES)
+IMAGE_SIZE_NUMBERS = _reverse(IMAGE_SIZES)
+SCHEDULER_NUMBERS = _reverse(SCHEDULERS)
+OUTPUT_FORMAT_NUMBERS = _reverse(OUTPUT_FORMATS)
+
+
+def _enum(table: dict[int, str], number: int) -> str:
+    # An unknown number becomes a name no rule accepts, so validation names the field.
+    return table.get(number, f"<unknown enum value {number}>")
+
+
+def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
+    """Translate without judging: the result may be invalid; call validate()/engine.check() on it."""
+    kw: dict = {}
+    for name in ("negative_prompt", "num_inference_steps", "guidance_scale", "seed", "num_images",
+                 "enable_safety_checker", "sync_mode"):
+        if msg.HasField(name):
+            kw[name] = getattr(msg, name)
+    which = msg.WhichOneof("image_size")
+    if which == "image_size_preset":
+        kw["image_size"] = _enum(IMAGE_SIZES, msg.image_size_preset)
+    elif which == "image_size_custom":
+        c = msg.image_size_custom
+        # a side left out is None, which the side rule refuses under image_size.width / image_size.height
+        kw["image_size"] = (c.width if c.HasField("width") else None, c.height if c.HasField("height") else None)
+    return GenerationRequest(
+        prompt=msg.prompt,
+        style=_enum(STYLES, msg.style),
+        scheduler=_enum(SCHEDULERS, msg.scheduler),
+        output_format=_enum(OUTPUT_FORMATS, msg.output_format),
+        **kw,
+    )
+
+
+def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
+    """The inverse of request_from_proto for a valid request (used by the client and the durable store)."""
+    msg = pb.GenerateRequest(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        style=STYLE_NUMBERS[req.style],
+        num_inference_steps=req.num_inference_steps,
+        scheduler=SCHEDULER_NUMBERS[req.scheduler],
+        guidance_scale=float(req.guidance_scale),
+        num_images=req.num_images,
+        enable_safety_checker=req.enable_safety_checker,
+        sync_mode=req.sync_mode,
+        output_format=OUTPUT_FORMAT_NUMBERS[req.output_format],
+    )
+    if req.seed is not None:
+        msg.seed = int(req.seed)
+    if isinstance(req.image_size, str):
+        msg.image_size_preset = IMAGE_SIZE_NUMBERS[req.image_size]
+    else:
+        msg.image_size_custom.width, msg.image_size_custom.height = (int(s) for s in req.image_size)
+    return msg
+
+
+def webhook_violations(url: str) -> list[tuple[str, str]]:
+    """Transport-only rule: an absolute http(s) URL with a host, or empty for none."""
+    if not url:
+        return []
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    return [] if ok else [("webhook_url", "must be an absolute http:// or https:// URL")]
+
+
+def bad_request_status(violations: list[tuple[str, str]], message: str | None = None) -> status_pb2.Status:
+    """google.rpc.Status with INVALID_ARGUMENT and one BadRequest.FieldViolation per (field, rule)."""
+    bad = error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(bad)
+    text = message or "invalid request: " + "; ".join(f"{f}: {d}" for f, d in violations)
+    return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=text, details=[detail])
+
+
+def error_status(code: grpc.StatusCode, message: str) -> status_pb2.Status:
+    return status_pb2.Status(code=code.value[0], message=message)
+
+
+def status_from_exception(exc: BaseException) -> status_pb2.Status:
+    if isinstance(exc, InvalidRequest):
+        return bad_request_status(exc.violations)
+    return error_status(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def grpc_code(status: status_pb2.Status) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == status.code:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def violations_from_status(status: status_pb2.Status) -> list[tuple[str, str]]:
+    """The (field, rule) pairs carried in a google.rpc.Status, for clients and tests."""
+    out: list[tuple[str, str]] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out += [(v.field, v.description) for v in bad.field_violations]
+    return out
+
+
+def result_to_proto(
+    result: GenerationResult,
+    request_id: str,
+    *,
+    queue_s: float,
+    urls: list[str] | None = None,
+    include_data: bool = True,
+) -> pb.GenerateResult:
+    """`urls`, when given, are set on the images (stored results); `include_data` fills file_data."""
+    images = []
+    for i, img in enumerate(result.images):
+        images.append(
+            pb.Image(
+                url=urls[i] if urls else "",
+                content_type=img.content_type,
+                file_name=img.file_name,
+                file_size=len(img.data),
+                width=img.width,
+                height=img.height,
+                file_data=img.data if include_data else b"",
+            )
+        )
+    t = result.timings
+    timings = pb.Timings(
+        queue=queue_s,
+        text_encoding=t.get("text_encoding", 0.0),
+        denoising=t.get("denoising", 0.0),
+        decoding=t.get("decoding", 0.0),
+        safety=t.get("safety", 0.0),
+        image_encoding=t.get("image_encoding", 0.0),
+        total=t.get("total", 0.0) + queue_s,
+    )
+    return pb.GenerateResult(
+        images=images,
+        seed=int(result.seed),
+        prompt=result.prompt,
+        has_nsfw_concepts=list(result.has_nsfw_concepts),
+        timings=timings,
+        request_id=request_id,
+    )
+
+
+def result_to_json(msg: pb.GenerateResult) -> dict:
+    """The webhook's JSON shape of a result: fal's field names, image bytes base64-encoded when present."""
+    images = []
+    for img in msg.images:
+        d = {
+            "url": img.url or None,
+            "content_type": img.content_type,
+            "file_name": img.file_name,
+            "file_size": img.file_size,
+            "width": img.width,
+            "height": img.height,
+        }
+        if img.file_data:
+            d["file_data"] = base64.b64encode(img.file_data).decode()
+        images.append(d)
+    t = msg.timings
+    return {
+        "images": images,
+        "seed": msg.seed,
+        "prompt": msg.prompt,
+        "has_nsfw_concepts": list(msg.has_nsfw_concepts),
+        "timings": {f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields},
+    }

@@ -1,0 +1,32 @@
+"""Prometheus metrics, on a registry of their own so that several servers can live in one process (tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+STAGES = ("text_encoding", "denoising", "decoding", "safety", "image_encoding", "total")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pixart_requests", "gRPC calls by method and final status code", ["method", "code"], registry=r
+        )
+        self.queue_seconds = Histogram(
+            "pixart_queue_seconds", "Time from acceptance to the start of work", buckets=_TIME_BUCKETS, registry=r
+        )
+        self.stage_seconds = Histogram(
+            "pixart_stage_seconds", "Engine time per stage and request", ["stage"], buckets=_TIME_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "pixart_batch_size", "Requests per engine batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r
+        )
+        self.queue_depth = Gauge("pixart_queue_depth", "Requests waiting for the engine", registry=r)
+        self.images = Counter("pixart_images_generated", "Images generated", registry=r)
+        self.outcomes = Counter("pixart_request_outcomes", "Requests ended, by final state", ["state"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

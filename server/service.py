@@ -1,0 +1,296 @@
+"""The gRPC servicer: validate in one place, hand work to the scheduler, stream what happens, answer queue calls.
+
+Every call that produces images (Generate, GenerateStream, Submit) goes through the same bounded queue, so
+backpressure and batching apply to all of them; only Submit is written to the durable store first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.rpc import status_pb2
+
+from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
+from protos.pixart.v1 import pixart_pb2 as pb
+from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
+
+from . import convert
+from . import store as st
+from .queue import DeadlineExceeded, Draining, Job, QueueFull, ShutdownAbort
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("pixart.server.service")
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# the final status code of the call being served, for the requests metric (each call runs in its own task)
+_call_code: contextvars.ContextVar[list[str]] = contextvars.ContextVar("_call_code")
+
+
+def outcome_status(outcome: BaseException) -> status_pb2.Status:
+    """How a job that did not complete is reported: the same google.rpc.Status for every way of calling."""
+    if isinstance(outcome, DeadlineExceeded):
+        return convert.error_status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; the work was stopped")
+    if isinstance(outcome, ShutdownAbort):
+        return convert.error_status(grpc.StatusCode.UNAVAILABLE, "the server shut down before the request ended")
+    if isinstance(outcome, Cancelled):
+        return convert.error_status(grpc.StatusCode.CANCELLED, "cancelled")
+    return convert.status_from_exception(outcome)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+    """Abort the call with a google.rpc.Status, details included, as grpcio-status clients read them."""
+    code = convert.grpc_code(status)
+    holder = _call_code.get(None)
+    if holder is not None:
+        holder[0] = code.name
+    trailing = ((_STATUS_DETAILS_KEY, status.SerializeToString()),) if status.details else ()
+    await context.abort(code, status.message, trailing_metadata=trailing)
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    await abort_with(context, convert.error_status(code, message))
+
+
+def _observed(fn: Callable) -> Callable:
+    """Count the call in the requests metric by method and final status code."""
+    name = fn.__name__
+
+    def finish(self: PixArtService, holder: list[str], exc: BaseException | None) -> None:
+        code = holder[0]
+        if exc is not None and code == "OK":
+            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN"
+        self.app.metrics.requests.labels(name, code).inc()
+
+    if name == "GenerateStream":
+
+        @functools.wraps(fn)
+        async def stream_wrapper(self: PixArtService, request: Any, context: Any) -> AsyncIterator:
+            holder = ["OK"]
+            _call_code.set(holder)
+            exc: BaseException | None = None
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                finish(self, holder, exc)
+
+        return stream_wrapper
+
+    @functools.wraps(fn)
+    async def wrapper(self: PixArtService, request: Any, context: Any) -> Any:
+        holder = ["OK"]
+        _call_code.set(holder)
+        exc: BaseException | None = None
+        try:
+            return await fn(self, request, context)
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            finish(self, holder, exc)
+
+    return wrapper
+
+
+class PixArtService(pb_grpc.PixArtServicer):
+    def __init__(self, app: App):
+        self.app = app
+
+    # -- shared steps ---------------------------------------------------------------------------------------
+    async def _accept(
+        self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext, webhook_url: str = ""
+    ) -> GenerationRequest:
+        """Refuse a call the server cannot take now, or a request with any bad field (all of them named)."""
+        if self.app.draining:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+        if self.app.engine is None:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the engine is still loading; retry shortly")
+        request = convert.request_from_proto(msg)
+        violations = convert.webhook_violations(webhook_url) + request.violations()
+        if not violations:
+            try:
+                self.app.engine.check(request)
+            except InvalidRequest as exc:
+                violations += [v for v in exc.violations if v not in violations]
+        if violations:
+            log.info("refused", extra={"violations": [f"{f}: {rule}" for f, rule in violations]})
+            await abort_with(context, convert.bad_request_status(violations))
+        return request
+
+    async def _enqueue(self, job: Job, context: grpc.aio.ServicerContext) -> int:
+        try:
+            return self.app.scheduler.submit(job)
+        except QueueFull:
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the queue is full ({self.app.config.max_queue} waiting); retry later",
+            )
+        except Draining:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _listen(job: Job) -> asyncio.Queue:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def listener(_job: Job, event: tuple) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job.listeners.append(listener)
+        return events
+
+    @staticmethod
+    def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _result(self, job: Job) -> pb.GenerateResult:
+        assert isinstance(job.outcome, GenerationResult)
+        sync = job.request.sync_mode
+        urls = None if sync else [self.app.result_url(job.id, img.file_name) for img in job.outcome.images]
+        return convert.result_to_proto(job.outcome, job.id, queue_s=job.queue_s, urls=urls, include_data=sync)
+
+    # -- unary and streaming --------------------------------------------------------------------------------
+    @_observed
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
+        req = await self._accept(request, context)
+        job = Job(req, deadline=self._deadline(context))
+        events = self._listen(job)
+        await self._enqueue(job, context)
+        log.info("accepted", extra={"request_id": job.id, "method": "Generate"})
+        try:
+            while (await events.get())[0] != "done":
+                pass
+        except asyncio.CancelledError:  # the caller cancelled or its deadline passed: free the place or the step
+            self.app.scheduler.cancel(job.id)
+            raise
+        if not isinstance(job.outcome, GenerationResult):
+            await abort_with(context, outcome_status(job.outcome))
+        return self._result(job)
+
+    @_observed
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        req = await self._accept(request, context)
+        job = Job(req, deadline=self._deadline(context))
+        events = self._listen(job)
+        position = await self._enqueue(job, context)
+        log.info("accepted", extra={"request_id": job.id, "method": "GenerateStream"})
+        try:
+            yield pb.GenerateEvent(request_id=job.id, queued=pb.QueuePosition(position=position))
+            while True:
+                event = await events.get()
+                kind = event[0]
+                if kind == "queued":
+                    yield pb.GenerateEvent(request_id=job.id, queued=pb.QueuePosition(position=event[1]))
+                elif kind == "progress":
+                    yield pb.GenerateEvent(request_id=job.id, progress=pb.Progress(step=event[1], total_steps=event[2]))
+                elif kind == "log":
+                    yield pb.GenerateEvent(request_id=job.id, log=pb.LogLine(**event[1]))
+                elif kind == "done":
+                    break
+        except asyncio.CancelledError:
+            self.app.scheduler.cancel(job.id)
+            raise
+        if isinstance(job.outcome, GenerationResult):
+            yield pb.GenerateEvent(request_id=job.id, result=self._result(job))
+        else:
+            status = outcome_status(job.outcome)
+            yield pb.GenerateEvent(request_id=job.id, error=status)
+            # the call itself ends with the same status, so that a caller who only looks at the status sees it
+            _call_code.get()[0] = convert.grpc_code(status).name
+            context.set_code(convert.grpc_code(status))
+            context.set_details(status.message)
+
+    # -- the durable queue ----------------------------------------------------------------------------------
+    @_observed
+    async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
+        req = await self._accept(request.request, context, request.webhook_url)
+        job = Job(req, durable=True, request_bytes=request.request.SerializeToString(),
+                  webhook_url=request.webhook_url)
+        # stored before it can be scheduled (the worker marks the row running) and before the id is returned
+        await asyncio.to_thread(self.app.store.add, job.id, job.request_bytes, job.webhook_url)
+        try:
+            position = self.app.scheduler.submit(job)
+        except (QueueFull, Draining) as exc:
+            await asyncio.to_thread(self.app.store.delete, job.id)
+            if isinstance(exc, QueueFull):
+                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the queue is full ({self.app.config.max_queue} waiting); retry later")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+        log.info("accepted", extra={"request_id": job.id, "method": "Submit"})
+        return pb.SubmitResponse(request_id=job.id, queue_position=position)
+
+    @_observed
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        job = self.app.scheduler.jobs.get(request.request_id) if self.app.scheduler else None
+        if job is not None and job.state in (st.IN_QUEUE, st.IN_PROGRESS):
+            out = pb.StatusResponse(request_id=job.id, state=pb.RequestState.Value(job.state))
+            if job.state == st.IN_QUEUE:
+                out.queue_position = self.app.scheduler.position(job) or 0
+            else:
+                out.progress.step, out.progress.total_steps = job.progress
+            if request.logs:
+                out.logs.extend(pb.LogLine(**line) for line in list(job.logs))
+            return out
+        row = await asyncio.to_thread(self.app.store.get, request.request_id) if request.request_id else None
+        if row is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r} (unknown or expired)")
+        out = pb.StatusResponse(request_id=row.id, state=pb.RequestState.Value(row.state))
+        if row.state == st.IN_QUEUE:
+            out.queue_position = 0  # stored but not yet scheduled again (the server is starting or stopping)
+        if row.error:
+            out.error.ParseFromString(row.error)
+        if request.logs:
+            out.logs.extend(pb.LogLine(**line) for line in row.logs)
+        return out
+
+    @_observed
+    async def Result(self, request: pb.RequestRef, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
+        job = self.app.scheduler.jobs.get(request.request_id) if self.app.scheduler else None
+        row = None
+        if job is None or job.state not in (st.IN_QUEUE, st.IN_PROGRESS):
+            row = await asyncio.to_thread(self.app.store.get, request.request_id) if request.request_id else None
+            if row is None:
+                await abort(context, grpc.StatusCode.NOT_FOUND,
+                            f"no request {request.request_id!r} (unknown or expired)")
+        state = row.state if row is not None else job.state
+        if state != st.COMPLETED:
+            detail = ""
+            if row is not None and row.error:
+                detail = ": " + status_pb2.Status.FromString(row.error).message
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                        f"request {request.request_id} is {state}, not COMPLETED{detail}")
+        return await asyncio.to_thread(self.app.stored_result, row)
+
+    @_observed
+    async def Cancel(self, request: pb.RequestRef, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        rid = request.request_id
+        outcome = self.app.scheduler.cancel(rid) if self.app.scheduler else None
+        if outcome == "queued":
+            return pb.CancelResponse(request_id=rid, outcome=pb.CANCELLED_WHILE_QUEUED, state=pb.CANCELED)
+        if outcome == "running":
+            return pb.CancelResponse(request_id=rid, outcome=pb.CANCELLATION_REQUESTED, state=pb.IN_PROGRESS)
+        row = await asyncio.to_thread(self.app.store.get, rid) if rid else None
+        if row is None:
+            return pb.CancelResponse(request_id=rid, outcome=pb.NOT_FOUND)
+        if row.state in st.TERMINAL:
+            return pb.CancelResponse(request_id=rid, outcome=pb.ALREADY_COMPLETED,
+                                     state=pb.RequestState.Value(row.state))
+        # stored as queued but not scheduled in this process (starting up or draining): cancel it in the store
+        await asyncio.to_thread(self.app.cancel_stored, row)
+        return pb.CancelResponse(request_id=rid, outcome=pb.CANCELLED_WHILE_QUEUED, state=pb.CANCELED)

@@ -1,0 +1,183 @@
+"""The durable side of the queue: request states in SQLite (WAL), result images as files beside the database.
+
+Layout of a store folder:  requests.sqlite3 (+ -wal, -shm)  and  results/<request_id>/<file_name>.
+A Submit is acknowledged only after its row is committed, so a request the server said yes to survives kill -9.
+Files are written before the row that points at them, so a COMPLETED row never names a missing file.
+The connection is shared by the event loop and the worker thread under one lock; every statement is short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELED"
+TERMINAL = (COMPLETED, FAILED, CANCELED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    state TEXT NOT NULL,
+    durable INTEGER NOT NULL,
+    request BLOB NOT NULL,
+    webhook_url TEXT NOT NULL DEFAULT '',
+    webhook_done INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error BLOB,
+    result BLOB,
+    logs TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
+"""
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class Row:
+    id: str
+    state: str
+    durable: bool
+    request: bytes  # a serialized pixart.v1.GenerateRequest
+    webhook_url: str
+    webhook_done: bool
+    created: float
+    started: float | None
+    finished: float | None
+    error: bytes | None  # a serialized google.rpc.Status
+    result: bytes | None  # a serialized pixart.v1.GenerateResult without file_data or url
+    logs: list
+
+
+class Store:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.results = self.folder / "results"
+        self.results.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.folder / "requests.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: an acknowledged Submit must survive power loss too, not only a killed process
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def add(self, request_id: str, request: bytes, webhook_url: str = "") -> None:
+        """Record an accepted Submit (committed before returning)."""
+        self._exec(
+            "INSERT INTO requests (id, state, durable, request, webhook_url, created) VALUES (?, ?, 1, ?, ?, ?)",
+            (request_id, IN_QUEUE, request, webhook_url, time.time()),
+        )
+
+    def delete(self, request_id: str) -> None:
+        self._exec("DELETE FROM requests WHERE id = ?", (request_id,))
+        shutil.rmtree(self.results / request_id, ignore_errors=True)
+
+    def set_running(self, request_id: str) -> None:
+        self._exec(
+            "UPDATE requests SET state = ?, started = ? WHERE id = ? AND state = ?",
+            (IN_PROGRESS, time.time(), request_id, IN_QUEUE),
+        )
+
+    def requeue(self, request_id: str) -> None:
+        """A request that was running when the server died goes back to the queue."""
+        self._exec("UPDATE requests SET state = ?, started = NULL WHERE id = ?", (IN_QUEUE, request_id))
+
+    def finish(
+        self,
+        request_id: str,
+        state: str,
+        *,
+        request: bytes,
+        result: bytes | None = None,
+        images: list[tuple[str, bytes]] = (),
+        error: bytes | None = None,
+        logs: list | None = None,
+    ) -> None:
+        """Record the end of a request (inserting a row for one that was never stored, e.g. a unary call whose
+        images must be served by URL). Image files are written, atomically each, before the row points at them."""
+        if images:
+            folder = self.results / request_id
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in images:
+                if not _SAFE_NAME.match(name):
+                    raise ValueError(f"unsafe result file name {name!r}")
+                tmp = folder / f".{name}.tmp"
+                tmp.write_bytes(data)
+                os.replace(tmp, folder / name)
+        now = time.time()
+        self._exec(
+            """INSERT INTO requests (id, state, durable, request, created, finished, error, result, logs)
+               VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT(id) DO UPDATE SET state = excluded.state, finished = excluded.finished,
+                   error = excluded.error, result = excluded.result, logs = excluded.logs""",
+            (request_id, state, request, now, now, error, result, json.dumps(logs or [])),
+        )
+
+    def get(self, request_id: str) -> Row | None:
+        rows = self._exec(
+            "SELECT id, state, durable, request, webhook_url, webhook_done, created, started, finished, error, "
+            "result, logs FROM requests WHERE id = ?",
+            (request_id,),
+        )
+        return _row(rows[0]) if rows else None
+
+    def unfinished(self) -> list[Row]:
+        """Durable requests that were queued or running when the server last stopped, oldest first."""
+        rows = self._exec(
+            "SELECT id, state, durable, request, webhook_url, webhook_done, created, started, finished, error, "
+            "result, logs FROM requests WHERE state IN (?, ?) AND durable = 1 ORDER BY seq",
+            (IN_QUEUE, IN_PROGRESS),
+        )
+        return [_row(r) for r in rows]
+
+    def pending_webhooks(self) -> list[Row]:
+        rows = self._exec(
+            "SELECT id, state, durable, request, webhook_url, webhook_done, created, started, finished, error, "
+            "result, logs FROM requests WHERE state IN (?, ?, ?) AND webhook_url != '' AND webhook_done = 0 "
+            "ORDER BY seq",
+            TERMINAL,
+        )
+        return [_row(r) for r in rows]
+
+    def mark_webhook_done(self, request_id: str) -> None:
+        self._exec("UPDATE requests SET webhook_done = 1 WHERE id = ?", (request_id,))
+
+    def image_path(self, request_id: str, file_name: str) -> Path | None:
+        """The file of a stored image, or None; names are checked so a URL cannot reach outside the store."""
+        if not (_SAFE_NAME.match(request_id) and _SAFE_NAME.match(file_name)) or file_name.startswith("."):
+            return None
+        path = self.results / request_id / file_name
+        return path if path.is_file() else None
+
+    def expire(self, ttl_s: float, now: float | None = None) -> int:
+        """Forget requests that ended more than ttl_s ago, files included; return how many."""
+        cutoff = (now if now is not None else time.time()) - ttl_s
+        ids = [r[0] for r in self._exec("SELECT id FROM requests WHERE finished IS NOT NULL AND finished < ?",
+                                         (cutoff,))]
+        for request_id in ids:
+            self.delete(request_id)
+        return len(ids)
+
+
+def _row(r: tuple) -> Row:
+    return Row(
+        id=r[0], state=r[1], durable=bool(r[2]), request=r[3], webhook_url=r[4], webhook_done=bool(r[5]),
+        created=r[6], started=r[7], finished=r[8], error=r[9], result=r[10], logs=json.loads(r[11] or "[]"),
+    )
