@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARTIFACTS ?= artifacts
+MODEL := $(ARTIFACTS)/default
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint bench clean
 
 $(BIN)/pixart: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,16 +18,22 @@ $(BIN)/pixart: pyproject.toml
 
 install: $(BIN)/pixart
 
-# Main job: build and export the embedded default model, then generate a PNG from it.
-run: install
-	$(BIN)/pixart export --out $(ARTIFACTS)/default
-	$(BIN)/pixart generate-local --engine $(ARTIFACTS)/default "a red fox in the snow" --out $(ARTIFACTS)/fox.png
+$(MODEL)/manifest.json: | $(BIN)/pixart
+	$(BIN)/pixart export --out $(MODEL)
+
+# Main job: the gRPC service on the embedded default model (exported on first run).
+run: install $(MODEL)/manifest.json
+	$(BIN)/pixart serve --engine $(MODEL)
 
 test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check .
+
+# Engine vs eager diffusers, side by side in one run; BENCH_ARGS="--config small --sizes 512" for the README's row.
+bench: install
+	$(BIN)/pixart bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(ARTIFACTS)
