@@ -71,6 +71,7 @@ class Engine:
         intra_op_threads: int = 0,
         trim_text: bool = True,
         text_cache_mb: float = 256,
+        guidance_in_one_batch: bool = True,
     ):
         self.path = Path(export_dir)
         self.manifest = json.loads((self.path / "manifest.json").read_text())
@@ -84,6 +85,7 @@ class Engine:
         self.transformer = create_session(self.path / files["transformer"], providers, intra_op_threads)
         self.vae_decoder = create_session(self.path / files["vae_decoder"], providers, intra_op_threads)
         self.trim_text = trim_text
+        self.guidance_in_one_batch = guidance_in_one_batch
         self.text_cache = EmbeddingCache(int(text_cache_mb * 2**20))
         self.tokenizer = T5Tokenizer.from_file(self.path / files["tokenizer"])
         tr = self.manifest["transformer"]
@@ -238,16 +240,7 @@ class Engine:
                 x = np.concatenate([x, x])
                 ctx = np.concatenate([np.concatenate([j.uncond for j in jobs]), ctx])
                 ctx_mask = np.concatenate([np.concatenate([j.uncond_mask for j in jobs]), ctx_mask])
-            noise_pred = self.transformer.run(
-                None,
-                {
-                    "latents": x,
-                    "timestep": np.full((x.shape[0],), t, dtype=np.float32),
-                    "encoder_hidden_states": ctx,
-                    "encoder_attention_mask": ctx_mask,
-                    "pos_embed": pos_embed,
-                },
-            )[0]
+            noise_pred = self.predict_noise(x, t, ctx, ctx_mask, pos_embed, halves=2 if guided else 1)
             if guided:
                 uncond, cond = np.split(noise_pred, 2)
                 scale = np.concatenate([np.full(len(j.latents), j.request.guidance_scale, np.float32) for j in jobs])
@@ -315,6 +308,22 @@ class Engine:
                 self.text_cache.put((t, length), row)
         embeds = np.stack([found[t] for t in texts])
         return embeds, mask
+
+    def predict_noise(self, x: np.ndarray, t: float, context: np.ndarray, mask: np.ndarray, pos_embed: np.ndarray,
+                      halves: int = 1) -> np.ndarray:
+        """One transformer call over the whole batch, or, with `guidance_in_one_batch` off, one per guidance half."""
+        parts = 1 if self.guidance_in_one_batch else halves
+        outs = [
+            self.transformer.run(None, {
+                "latents": xs,
+                "timestep": np.full((len(xs),), t, dtype=np.float32),
+                "encoder_hidden_states": cs,
+                "encoder_attention_mask": ms,
+                "pos_embed": pos_embed,
+            })[0]
+            for xs, cs, ms in zip(np.split(x, parts), np.split(context, parts), np.split(mask, parts), strict=True)
+        ]
+        return outs[0] if parts == 1 else np.concatenate(outs)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(B, 4, h, w) final latents -> (B, 3, H, W) images in about [-1, 1].

@@ -83,6 +83,18 @@ def test_guidance_at_most_one_skips_the_unconditional_half(engine, monkeypatch):
     assert spy.batches == [2, 2, 4, 4]
 
 
+def test_guidance_halves_in_one_call_or_two_give_the_same_image(engine, default_export):
+    from engine import Engine
+
+    split = Engine.load(default_export, providers=["CPUExecutionProvider"], guidance_in_one_batch=False)
+    spy = CountingSession(split.transformer)
+    split.transformer = spy
+    request = GenerationRequest(prompt="x", seed=4, guidance_scale=4.5, **FAST)
+    a, b = pixels(split.generate(request)), pixels(engine.generate(request))
+    assert spy.batches == [1, 1, 1, 1]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 def test_progress_timings_and_cancel(engine):
     seen = []
     r = engine.generate(GenerationRequest(prompt="x", seed=1, num_inference_steps=3, image_size=(512, 512)),
