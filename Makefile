@@ -19,7 +19,7 @@ $(BIN)/pixart: pyproject.toml
 install: $(BIN)/pixart
 
 $(MODEL)/manifest.json: | $(BIN)/pixart
-	$(BIN)/pixart export --out $(MODEL)
+	$(BIN)/pixart export --out $(MODEL) --safety-checker
 
 # Main job: the gRPC service on the embedded default model (exported on first run).
 run: install $(MODEL)/manifest.json

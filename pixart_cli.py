@@ -13,7 +13,8 @@ def _export(args: argparse.Namespace) -> None:
     from export.onnx_export import export_model
 
     manifest = export_model(args.model, args.out, base=args.base, precision=args.precision,
-                            optimize=not args.no_optimize, int8=args.int8, progress=not args.quiet)
+                            optimize=not args.no_optimize, int8=args.int8, safety_checker=args.safety_checker,
+                            progress=not args.quiet)
     print(f"exported to {manifest.parent} (manifest: {manifest.name})")
 
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32"])
     p.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's fused graphs")
     p.add_argument("--int8", action="store_true", help="also write int8-weight transformer and text encoder graphs")
+    p.add_argument("--safety-checker", nargs="?", const="default", default=None, metavar="MODEL",
+                   help="export a StableDiffusionSafetyChecker too (e.g. CompVis/stable-diffusion-safety-checker); "
+                   "without MODEL, the embedded tiny random-weight one")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_export)
 

@@ -25,6 +25,7 @@ from engine.positions import sincos_pos_embed
 from engine.request import Cancelled, GeneratedImage, GenerationRequest, GenerationResult, InvalidRequest
 from engine.resolution import classify_bin, resize_and_crop, to_uint8
 from engine.runtime import create_session
+from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
 from engine.text import T5Tokenizer, apply_style, preprocess
 
@@ -72,6 +73,7 @@ class Engine:
         trim_text: bool = True,
         text_cache_mb: float = 256,
         guidance_in_one_batch: bool = True,
+        flagged_images: str = "black",
     ):
         self.path = Path(export_dir)
         self.manifest = json.loads((self.path / "manifest.json").read_text())
@@ -98,7 +100,14 @@ class Engine:
         self.max_sequence_length = int(self.manifest["text_encoder"]["max_sequence_length"])
         self.scheduler_config = self.manifest["scheduler"]["config"]
         self.bins = self.manifest["aspect_ratio_bins"]
-        self.has_safety_checker = bool(self.manifest.get("safety_checker"))
+        checker = self.manifest.get("safety_checker")
+        self.safety_checker = (
+            SafetyChecker.from_manifest(self.path, checker, providers, intra_op_threads) if checker else None
+        )
+        self.has_safety_checker = self.safety_checker is not None
+        if flagged_images not in ("black", "blur"):
+            raise ValueError(f"flagged_images: 'black' or 'blur', not {flagged_images!r}")
+        self.flagged_images = flagged_images
 
     @classmethod
     def load(cls, export_dir: str | Path, providers: list[str] | tuple[str, ...] | None = None, **options) -> Engine:
@@ -267,18 +276,23 @@ class Engine:
             pixels = to_uint8(resize_and_crop(decoded[row : row + k], width_req, height_req))
             row += k
             t0 = time.perf_counter()
+            flags = [False] * k
+            if j.request.enable_safety_checker:
+                flags = self.safety_checker.check(pixels)
+                pixels = self.safety_checker.apply(pixels, flags, self.flagged_images)
+            t1 = time.perf_counter()
             images = [self._encode_image(p, j.request.output_format, n) for n, p in enumerate(pixels)]
-            t_encode = time.perf_counter() - t0
+            t_encode = time.perf_counter() - t1
             results[i] = GenerationResult(
                 images=images,
                 seed=j.seed,
                 prompt=j.request.prompt,
-                has_nsfw_concepts=[False] * k,
+                has_nsfw_concepts=[bool(f) for f in flags],
                 timings={
                     "text_encoding": t_text - t_start,
                     "denoising": t_denoise - t_text,
                     "decoding": t_decode - t_denoise,
-                    "safety": 0.0,
+                    "safety": t1 - t0,
                     "image_encoding": t_encode,
                     "total": time.perf_counter() - t_start,
                 },

@@ -191,19 +191,22 @@ def export_model(
     precision: str = "fp32",
     optimize: bool = True,
     int8: bool = False,
+    safety_checker: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
     """Export the checkpoint `model` (None: the embedded default) to `out_dir`; return the manifest's path.
 
     Besides the plain fp32 graphs: `optimize` adds ONNX Runtime's fused graphs (variant "optimized", the
     engine's default), `int8` adds int8-weight graphs of the transformer and text encoder (variant "int8").
+    `safety_checker`: a StableDiffusionSafetyChecker checkpoint (folder or hub id) to export beside the model,
+    or "default" for the embedded tiny one.
     """
     if precision != "fp32":
         raise ValueError(f"precision: only fp32 is exported so far, got {precision!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = ["load", "text_encoder", "transformer", "vae_decoder", "tokenizer", "manifest"]
-    steps += ["optimize"] * optimize + ["int8"] * int8
+    steps += ["optimize"] * optimize + ["int8"] * int8 + ["safety checker"] * bool(safety_checker)
     bar = tqdm(total=len(steps), desc="export", unit="step", disable=not progress)
     started = time.perf_counter()
 
@@ -230,7 +233,16 @@ def export_model(
     files["tokenizer"] = tokenizer_json_for(c["tokenizer_dir"], out / "tokenizer.json")
     advance("tokenizer")
     variants, fusions = make_variants(c, files, out, optimize, int8, advance)
-    manifest = build_manifest(model, c, files, variants, fusions, precision, time.perf_counter() - started)
+    checker = None
+    if safety_checker:
+        from export.safety_checker import build_default_checker, export_safety_checker
+
+        if str(safety_checker) == "default":
+            safety_checker = build_default_checker(out / "safety_checker_checkpoint")
+        checker = export_safety_checker(safety_checker, out)
+        files["safety_checker"] = out / checker["file"]
+        advance("safety checker")
+    manifest = build_manifest(model, c, files, variants, fusions, checker, precision, time.perf_counter() - started)
     path = out / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     advance("manifest")
@@ -262,7 +274,8 @@ def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, in
 
 
 def build_manifest(
-    model, c: dict, files: dict[str, Path], variants: dict, fusions: dict, precision: str, seconds: float
+    model, c: dict, files: dict[str, Path], variants: dict, fusions: dict, checker: dict | None, precision: str,
+    seconds: float,
 ) -> dict:
     import diffusers
     import onnx
@@ -297,7 +310,7 @@ def build_manifest(
         },
         "scheduler": {"config": _jsonable(c["scheduler_config"])},
         "aspect_ratio_bins": aspect_ratio_bins(int(tr.config.sample_size)),
-        "safety_checker": None,
+        "safety_checker": checker,
         "versions": {
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,

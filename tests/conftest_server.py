@@ -50,7 +50,7 @@ def export_dir() -> Path:
         atexit.register(shutil.rmtree, tmp, True)
         out = tmp / "default"
         subprocess.run(
-            [sys.executable, str(ROOT / "pixart_cli.py"), "export", "--out", str(out), "--quiet"],
+            [sys.executable, str(ROOT / "pixart_cli.py"), "export", "--out", str(out), "--safety-checker", "--quiet"],
             cwd=ROOT, check=True, capture_output=True, timeout=600,
         )
         _export = out

@@ -155,7 +155,6 @@ BAD = [
     ("num_images", dict(num_images=0)),
     ("output_format", dict(output_format="gif")),
     ("sync_mode", dict(sync_mode="yes")),
-    ("enable_safety_checker", dict(enable_safety_checker=True)),  # this engine has no checker
     ("latents", dict(latents=np.zeros((1, 4, 8, 8), np.float32))),
 ]
 
@@ -212,3 +211,18 @@ def test_prompt_embeddings_are_cached_and_bounded(engine, default_export, monkey
     for n in range(5):
         cache.put((str(n), 1), np.zeros(100, np.float32))  # 400 bytes each
     assert cache.bytes <= 1200 and list(k for k, _ in cache.entries) == ["2", "3", "4"]
+
+
+def test_safety_checker_flags_and_replaces_images(engine):
+    assert engine.has_safety_checker
+    request = GenerationRequest(prompt="a beach", seed=21, num_images=4, num_inference_steps=1, image_size=(256, 256))
+    plain = engine.generate(request)
+    checked = engine.generate(dataclasses.replace(request, enable_safety_checker=True))
+    expected = engine.safety_checker.check(pixels(plain))
+    assert checked.has_nsfw_concepts == list(expected) and plain.has_nsfw_concepts == [False] * 4
+    assert checked.timings["safety"] > 0
+    for flagged, before, after in zip(expected, pixels(plain), pixels(checked), strict=True):
+        if flagged:
+            assert not after.any()  # blacked out, as diffusers does
+        else:
+            np.testing.assert_array_equal(after, before)

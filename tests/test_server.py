@@ -15,6 +15,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
+import numpy as np
 import pytest
 from conftest_server import (
     ServerThread,
@@ -56,9 +57,7 @@ def client(server):
         yield c
 
 
-def _pixels(data: bytes):
-    import numpy as np
-
+def _pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
@@ -196,12 +195,14 @@ def test_every_bad_field_is_named(client, fields, field) -> None:
         assert e.value.violations[0][1]  # the rule is spelled out
 
 
-def test_safety_checker_on_an_engine_without_one(client) -> None:
-    assert not shared_engine().has_safety_checker
-    with pytest.raises(PixArtError) as e:
-        client.generate("a", enable_safety_checker=True, **CHEAP)
-    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert [f for f, _ in e.value.violations] == ["enable_safety_checker"]
+def test_safety_checker_flags_reach_the_client(client) -> None:
+    plain = client.generate("a", seed=3, num_images=2, **CHEAP)
+    checked = client.generate("a", seed=3, num_images=2, enable_safety_checker=True, **CHEAP)
+    expected = shared_engine().safety_checker.check(np.stack([_pixels(im.file_data) for im in plain.images]))
+    assert list(plain.has_nsfw_concepts) == [False, False]
+    assert list(checked.has_nsfw_concepts) == list(expected)
+    for flagged, im in zip(expected, checked.images, strict=True):
+        assert (not _pixels(im.file_data).any()) == flagged
 
 
 def test_all_bad_fields_at_once_and_webhook_url(client) -> None:

@@ -1,0 +1,56 @@
+"""The benchmark harness runs end to end on the tiny model and writes its three outputs; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import bench
+
+
+def test_variants_and_only_parse():
+    variants = bench.parse_variants('{"engine": {}, "engine-b": {"providers": ["CPUExecutionProvider"]}}')
+    assert list(variants) == ["engine", "engine-b"]
+    sides, measures = bench.select("eager,engine-b,e2e", variants)
+    assert sides == ["eager", "engine-b"] and measures == ["e2e"]
+    assert bench.select("", variants) == (["eager", "engine", "engine-b"], list(bench.MEASURES))
+    with pytest.raises(SystemExit):
+        bench.select("nonsense", variants)
+    with pytest.raises(SystemExit):
+        bench.parse_variants('{"eager": {}}')
+
+
+def test_psnr():
+    import numpy as np
+
+    a = np.zeros((2, 2, 3), np.uint8)
+    assert bench.psnr(a, a) == math.inf
+    assert 40 < bench.psnr(a, a + 1) < 50
+
+
+@pytest.mark.timeout(300)
+def test_bench_tiny_writes_json_markdown_and_plot(tmp_path):
+    rc = bench.main([
+        "--config", "tiny", "--sizes", "256", "--steps", "1", "--repeats", "1", "--warmup", "0", "--batches", "1",
+        "--out-dir", str(tmp_path), "--no-progress",
+    ])
+    assert rc == 0
+    report = json.loads((tmp_path / "bench-tiny.json").read_text())
+    assert {r["side"] for r in report["runs"]} == {"eager", "engine"}
+    for r in report["runs"]:
+        assert r["size"] == 256
+        assert {"text", "step_b1", "decode"} <= set(r["stages"])
+        assert r["e2e"]["1"]["n"] == 1 and r["e2e"]["1"]["images_per_s"] > 0
+        assert r["peak_rss_mib"] > 0 and r["cold_start"]["load_to_first_image_s"] > 0
+    (cmp,) = report["comparisons"]
+    # The same weights and latents on both sides: the pictures must agree, whatever the speeds.
+    assert cmp["variant"] == "engine" and cmp["psnr_db"] >= 40
+    assert {"cpu", "cores", "ram_gib", "os", "python"} <= set(report["machine"])
+    assert {"torch", "diffusers", "transformers"} <= set(report["versions"])
+    md = (tmp_path / "bench-tiny.md").read_text()
+    assert "| eager | engine |" in md and "PSNR" in md
+    png = (tmp_path / "bench-tiny.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp"))
