@@ -95,9 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
     p.set_defaults(func=_infer)
 
-    from server.cli import register
+    from benchmarks.bench import register as register_bench
+    from benchmarks.load import register as register_loadtest
+    from server.cli import register as register_service
 
-    register(sub)
+    register_service(sub)
+    register_bench(sub)
+    register_loadtest(sub)
     return parser
 
 

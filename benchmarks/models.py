@@ -1,0 +1,170 @@
+"""Checkpoints to benchmark on: `tiny` (the embedded default model), `small` (real widths, few layers) and `full`.
+
+Each is a random, seeded PixArt-Σ-architecture checkpoint in diffusers format, built once and cached under
+benchmarks/.cache/ together with its ONNX export, so that reruns go straight to measuring.
+
+Sizes: the engine and diffusers both bin a request to the checkpoint's table, and that table follows the
+transformer's `sample_size` (32 -> 256² bins, 64 -> 512², 128 -> 1024²). So a benchmark "at 512²" is built with
+sample_size 64 and interpolation_scale 1 (the published 512-MS layout), and then both sides truly run the transformer
+at 512² with no resize. The weights do not depend on the side (the positional embedding is a buffer, not a
+parameter), so all sides of one config share the same drawn weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from export.default_model import T5_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
+
+CACHE = Path(__file__).parent / ".cache"
+CONFIGS = ("tiny", "small", "full")
+# Pixel side -> (sample_size, interpolation_scale), as diffusers' conversion script maps them (spec §1.1).
+SIDES = {256: (32, 0.5), 512: (64, 1.0), 1024: (128, 2.0), 2048: (256, 4.0)}
+COMPLETE = ".complete"
+# Building `full` holds the fp32 T5-XXL (19 GB) while it is saved and traced: refuse below this much RAM.
+FULL_MIN_RAM_GIB = 96
+
+# The real widths (spec §1.2-1.4) with few layers: T5's fp32 weights still pass protobuf's 2 GB limit, so the
+# export goes through the external-data path as the real model does.
+SMALL_TRANSFORMER = {
+    **TRANSFORMER_CONFIG,
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "num_layers": 4,
+    "cross_attention_dim": 1152,
+    "caption_channels": 4096,
+}
+SMALL_T5 = {**T5_CONFIG, "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 3,
+            "num_heads": 64}
+SDXL_VAE = {**VAE_CONFIG, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+            "sample_size": 512}
+FULL_TRANSFORMER = {**SMALL_TRANSFORMER, "num_layers": 28}
+FULL_T5 = {**SMALL_T5, "num_layers": 24}
+
+
+def configs(config: str) -> tuple[dict, dict, dict]:
+    """(transformer, T5, VAE) configs of `config`, at the 1024² layout."""
+    from export import default_model as dm
+
+    if config == "tiny":
+        return dict(dm.TRANSFORMER_CONFIG), dict(dm.T5_CONFIG), dict(dm.VAE_CONFIG)
+    if config == "small":
+        return dict(SMALL_TRANSFORMER), dict(SMALL_T5), dict(SDXL_VAE)
+    if config == "full":
+        return dict(FULL_TRANSFORMER), dict(FULL_T5), dict(SDXL_VAE)
+    raise ValueError(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}")
+
+
+def _check_full_fits() -> None:
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    if ram_gib < FULL_MIN_RAM_GIB and not os.environ.get("PIXART_BENCH_FORCE_FULL"):
+        raise RuntimeError(
+            f"config 'full' (28-layer transformer, 24-layer T5-XXL, ~22 GB of fp32 weights) needs about "
+            f"{FULL_MIN_RAM_GIB} GiB of RAM to build and export; this machine has {ram_gib:.0f} GiB. "
+            "Run it on the GPU machine, or set PIXART_BENCH_FORCE_FULL=1 to try anyway."
+        )
+
+
+def build_checkpoint(config: str, out_dir: str | Path, *, side: int = 1024, seed: int | None = None) -> Path:
+    """Write the `config` checkpoint laid out for `side`² (diffusers format) to `out_dir` and return it."""
+    from export import default_model as dm
+
+    if side not in SIDES:
+        raise ValueError(f"side {side}: diffusers has bin tables for {', '.join(map(str, SIDES))} only")
+    seed = dm.SEED if seed is None else seed
+    out = Path(out_dir)
+    if config == "tiny" and side == 1024:
+        return dm.build_default_model(out, seed=seed)  # the very default model, byte for byte
+    if config == "full":
+        _check_full_fits()
+    transformer_cfg, t5_cfg, vae_cfg = configs(config)
+    sample_size, interpolation = SIDES[side]
+    transformer_cfg.update(sample_size=sample_size, interpolation_scale=interpolation)
+    return _build(out, transformer_cfg, t5_cfg, vae_cfg, seed)
+
+
+def _build(out: Path, transformer_cfg: dict, t5_cfg: dict, vae_cfg: dict, seed: int) -> Path:
+    """The default model's recipe (its tokenizer, scheduler and seeded draw order) with other configs."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    from export import default_model as dm
+    from export.tokenizer import train_t5_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(train_t5_tokenizer(dm.CORPUS, out / "tokenizer", seed=seed))
+    t5_cfg = dict(t5_cfg)
+    # The embedding table may be wider than the tokenizer (the real one is 32128 rows for 32100 pieces).
+    t5_cfg["vocab_size"] = max(int(t5_cfg.get("vocab_size", 0)), len(tokenizer))
+    g = torch.Generator().manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(**t5_cfg)).eval()
+    dm._randomize(text_encoder, g)
+    transformer = PixArtTransformer2DModel(**transformer_cfg).eval()
+    dm._randomize(transformer, g)
+    vae = AutoencoderKL(**vae_cfg).eval()
+    dm._randomize(vae, g)
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+        scheduler=DPMSolverMultistepScheduler(**dm.SCHEDULER_CONFIG),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").write_text(f"Random seeded (seed {seed}) PixArt-Σ-architecture checkpoint for benchmarks.\n")
+    return out
+
+
+def cache_dir(config: str, side: int) -> Path:
+    return CACHE / f"{config}-{side}"
+
+
+def cached_checkpoint(config: str, side: int) -> tuple[Path, float | None]:
+    """The cached checkpoint for (config, side), built now if missing; with the build seconds when built now."""
+    out = cache_dir(config, side) / "checkpoint"
+    if (out / COMPLETE).exists():
+        return out, None
+    shutil.rmtree(out, ignore_errors=True)  # a half-written one from an interrupted run
+    started = time.perf_counter()
+    build_checkpoint(config, out, side=side)
+    seconds = time.perf_counter() - started
+    (out / COMPLETE).write_text(json.dumps({"build_seconds": round(seconds, 2)}))
+    return out, seconds
+
+
+def cached_export(
+    config: str, side: int, progress: bool = False, export_options: dict | None = None, rebuild: bool = False
+) -> tuple[Path, Path, dict]:
+    """(checkpoint, export folder, info) for (config, side); info holds build and export seconds and whether cached.
+
+    `export_options` are export_model keywords (e.g. {"int8": true}); each set of them has its own cached folder.
+    `rebuild` re-exports even when cached: an export made by an older exporter lacks what the engine now expects.
+    """
+    from export.onnx_export import MANIFEST, export_model
+
+    export_options = dict(export_options or {})
+    checkpoint, build_seconds = cached_checkpoint(config, side)
+    key = json.dumps(export_options, sort_keys=True)
+    suffix = f"-{hashlib.sha256(key.encode()).hexdigest()[:8]}" if export_options else ""
+    out = cache_dir(config, side) / f"onnx{suffix}"
+    cached = (out / MANIFEST).exists() and not rebuild  # the manifest is written last: it means a finished export
+    if not cached:
+        shutil.rmtree(out, ignore_errors=True)
+        export_model(checkpoint, out, progress=progress, **export_options)
+    manifest = json.loads((out / MANIFEST).read_text())
+    built = json.loads((checkpoint / COMPLETE).read_text()).get("build_seconds")
+    info = {
+        "checkpoint": str(checkpoint),
+        "export": str(out),
+        "build_seconds": build_seconds if build_seconds is not None else built,
+        "export_seconds": manifest.get("export_seconds"),
+        "export_cached": cached,
+        "export_options": export_options,
+        "variants_in_export": sorted(manifest.get("variants", {})),
+        # Measured on disk: the manifest's own layout of sizes has changed between exporter versions.
+        "export_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+    }
+    return checkpoint, out, info
