@@ -85,7 +85,10 @@ class Engine:
         self.variant = variant
         self.text_encoder = create_session(self.path / files["text_encoder"], providers, intra_op_threads)
         self.transformer = create_session(self.path / files["transformer"], providers, intra_op_threads)
-        self.vae_decoder = create_session(self.path / files["vae_decoder"], providers, intra_op_threads)
+        # The VAE's mid-block attention peaks at gigabytes per image at 1024²; an arena would keep that peak
+        # resident between requests, so this session allocates and frees per run.
+        self.vae_decoder = create_session(self.path / files["vae_decoder"], providers, intra_op_threads,
+                                          memory_arena=False)
         self.trim_text = trim_text
         self.guidance_in_one_batch = guidance_in_one_batch
         self.text_cache = EmbeddingCache(int(text_cache_mb * 2**20))

@@ -36,8 +36,9 @@ def default_providers() -> tuple[str, ...]:
     return chosen or ("CPUExecutionProvider",)
 
 
-def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+def session_options(intra_op_threads: int = 0, memory_arena: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = memory_arena
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = intra_op_threads
     so.log_severity_level = 3
@@ -45,10 +46,15 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
 
 
 def create_session(
-    path: str | Path, providers: tuple[str, ...] | list[str] | None = None, intra_op_threads: int = 0
+    path: str | Path,
+    providers: tuple[str, ...] | list[str] | None = None,
+    intra_op_threads: int = 0,
+    memory_arena: bool = True,
 ) -> ort.InferenceSession:
+    """`memory_arena=False` hands each buffer back after use instead of keeping the run's peak for the next run."""
     providers = tuple(providers or default_providers())
-    session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=list(providers))
+    options = session_options(intra_op_threads, memory_arena)
+    session = ort.InferenceSession(str(path), options, providers=list(providers))
     used = session.get_providers()
     if providers[0] not in used:
         log.warning("%s: asked for %s, running on %s", Path(path).name, providers[0], used[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest_server import export_dir
+from conftest_server import export_dir, shared_engine
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +27,8 @@ def default_checkpoint(default_export, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def engine(default_export):
-    from engine import Engine
-
-    return Engine.load(default_export, providers=["CPUExecutionProvider"])
+    """One loaded engine for the whole session, the in-process servers' included (memory on 2-core CI boxes)."""
+    return shared_engine()
 
 
 @pytest.fixture(scope="session")
