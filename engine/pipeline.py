@@ -75,6 +75,8 @@ class Engine:
         guidance_in_one_batch: bool = True,
         flagged_images: str = "black",
     ):
+        if flagged_images not in ("black", "blur"):
+            raise ValueError(f"flagged_images: 'black' or 'blur', not {flagged_images!r}")
         self.path = Path(export_dir)
         self.manifest = json.loads((self.path / "manifest.json").read_text())
         variants = self.manifest.get("variants", {})
@@ -107,14 +109,15 @@ class Engine:
         self.safety_checker = (
             SafetyChecker.from_manifest(self.path, checker, providers, intra_op_threads) if checker else None
         )
-        self.has_safety_checker = self.safety_checker is not None
-        if flagged_images not in ("black", "blur"):
-            raise ValueError(f"flagged_images: 'black' or 'blur', not {flagged_images!r}")
         self.flagged_images = flagged_images
 
     @classmethod
     def load(cls, export_dir: str | Path, providers: list[str] | tuple[str, ...] | None = None, **options) -> Engine:
         return cls(export_dir, providers, **options)
+
+    @property
+    def has_safety_checker(self) -> bool:
+        return self.safety_checker is not None
 
     @property
     def providers(self) -> list[str]:
@@ -186,14 +189,16 @@ class Engine:
         """Run requests that share a batch key as one transformer batch; a failed or cancelled one gets its error."""
         results: list[GenerationResult | BaseException | None] = [None] * len(requests)
         live: dict[int, _Job] = {}
+        key = None
         for i, req in enumerate(requests):
             try:
                 self.check(req)
-                if self.batch_key(req) != self.batch_key(requests[0]):
+                if key is not None and self.batch_key(req) != key:
                     raise ValueError("requests in one batch must share a batch key")
             except (InvalidRequest, ValueError) as e:
                 results[i] = e
             else:
+                key = key or self.batch_key(req)
                 live[i] = None  # filled below
         if not live:
             return results  # type: ignore[return-value]

@@ -266,9 +266,8 @@ def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, in
             fusions[name] = fuse(files[name], target, name, heads, hidden)
             variants["optimized"][name] = target
         advance("fused")
-    if int8:
-        source = variants.get("optimized", files)
-        variants["int8"] = {name: quantize_int8(source[name], out / f"{name}.int8.onnx") for name in shapes}
+    if int8:  # from the plain graphs: the session applies its own fusions around the quantized MatMuls
+        variants["int8"] = {name: quantize_int8(files[name], out / f"{name}.int8.onnx") for name in shapes}
         advance("int8")
     return variants, fusions
 

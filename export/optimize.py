@@ -46,6 +46,9 @@ def fuse(path: Path, out: Path, component: str, num_heads: int, hidden_size: int
         optimized = optimize_model(str(path), model_type=MODEL_TYPES[component], num_heads=num_heads,
                                    hidden_size=hidden_size, opt_level=0, use_gpu=False)
     external = path.with_name(path.name + ".data").exists()
+    if not any(o.domain == "com.microsoft" for o in optimized.model.opset_import):
+        # the fused nodes live in ONNX Runtime's contrib domain; declare it so other tools can read the graph
+        optimized.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     _save(optimized.model, out, external)
     counts = Counter(n.op_type for n in optimized.model.graph.node)
     return {op: counts[op] for op in FUSED_OPS if counts[op]}

@@ -226,3 +226,11 @@ def test_safety_checker_flags_and_replaces_images(engine):
             assert not after.any()  # blacked out, as diffusers does
         else:
             np.testing.assert_array_equal(after, before)
+
+
+def test_an_invalid_request_in_a_batch_fails_alone(engine):
+    good = GenerationRequest(prompt="a kite", seed=9, num_inference_steps=1, image_size=(512, 512))
+    bad = GenerationRequest(prompt="a kite", image_size="huge")
+    out = engine.generate_batch([bad, good])
+    assert isinstance(out[0], InvalidRequest) and out[0].field == "image_size"
+    np.testing.assert_array_equal(pixels(out[1]), pixels(engine.generate(good)))
