@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--precision", default="fp32", choices=["fp32"])
     p.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's fused graphs")
-    p.add_argument("--int8", action="store_true", help="also write int8-weight transformer and text encoder graphs")
+    p.add_argument("--int8", action="store_true", help="also write an int8-weight transformer graph (variant int8)")
     p.add_argument("--safety-checker", nargs="?", const="default", default=None, metavar="MODEL",
                    help="export a StableDiffusionSafetyChecker too (e.g. CompVis/stable-diffusion-safety-checker); "
                    "without MODEL, the embedded tiny random-weight one")
