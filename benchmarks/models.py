@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -143,7 +145,7 @@ def cached_export(
     `export_options` are export_model keywords (e.g. {"int8": true}); each set of them has its own cached folder.
     `rebuild` re-exports even when cached: an export made by an older exporter lacks what the engine now expects.
     """
-    from export.onnx_export import MANIFEST, export_model
+    from export.onnx_export import MANIFEST
 
     export_options = dict(export_options or {})
     checkpoint, build_seconds = cached_checkpoint(config, side)
@@ -153,7 +155,12 @@ def cached_export(
     cached = (out / MANIFEST).exists() and not rebuild  # the manifest is written last: it means a finished export
     if not cached:
         shutil.rmtree(out, ignore_errors=True)
-        export_model(checkpoint, out, progress=progress, **export_options)
+        # In a child process: tracing holds copies of every weight, and this process goes on to measure RSS.
+        options = json.dumps({**export_options, "progress": progress})
+        code = "import json, sys; from export.onnx_export import export_model; " \
+               "export_model(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))"
+        subprocess.run([sys.executable, "-c", code, str(checkpoint), str(out), options], check=True,
+                       cwd=Path(__file__).resolve().parent.parent)
     manifest = json.loads((out / MANIFEST).read_text())
     built = json.loads((checkpoint / COMPLETE).read_text()).get("build_seconds")
     info = {
