@@ -242,6 +242,7 @@ class Engine:
         )
 
         # 3. Denoising: one transformer call per step for every live request, [uncond; cond] when guided.
+        jobs: list[_Job] = []
         for step, t in enumerate(timesteps):
             for i in list(live):
                 if should_cancel is not None and should_cancel(i):
@@ -249,18 +250,15 @@ class Engine:
                     del live[i]
             if not live:
                 return results  # type: ignore[return-value]
-            jobs = list(live.values())
+            if len(jobs) != len(live):  # text conditioning changes only when a request leaves the batch
+                jobs = list(live.values())
+                ctx, ctx_mask, scale = _conditioning(jobs, guided)
             x = np.concatenate([j.latents for j in jobs])
-            ctx = np.concatenate([j.cond for j in jobs])
-            ctx_mask = np.concatenate([j.cond_mask for j in jobs])
             if guided:
                 x = np.concatenate([x, x])
-                ctx = np.concatenate([np.concatenate([j.uncond for j in jobs]), ctx])
-                ctx_mask = np.concatenate([np.concatenate([j.uncond_mask for j in jobs]), ctx_mask])
             noise_pred = self.predict_noise(x, t, ctx, ctx_mask, pos_embed, halves=2 if guided else 1)
             if guided:
                 uncond, cond = np.split(noise_pred, 2)
-                scale = np.concatenate([np.full(len(j.latents), j.request.guidance_scale, np.float32) for j in jobs])
                 noise_pred = uncond + scale[:, None, None, None] * (cond - uncond)
             eps = noise_pred[:, : self.latent_channels]  # learned sigma: keep the noise half
             row = 0
@@ -365,6 +363,18 @@ class Engine:
         ext = "jpg" if fmt == "jpeg" else fmt
         return GeneratedImage(pixels=pixels, data=buf.getvalue(), content_type=CONTENT_TYPES[fmt],
                               file_name=f"image_{index}.{ext}")
+
+
+def _conditioning(jobs: list[_Job], guided: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Text embeddings and masks for the batch ([uncond; cond] when guided) and the per-row guidance scale."""
+    ctx = np.concatenate([j.cond for j in jobs])
+    mask = np.concatenate([j.cond_mask for j in jobs])
+    if not guided:
+        return ctx, mask, None
+    ctx = np.concatenate([*(j.uncond for j in jobs), ctx])
+    mask = np.concatenate([*(j.uncond_mask for j in jobs), mask])
+    scale = np.concatenate([np.full(len(j.latents), j.request.guidance_scale, np.float32) for j in jobs])
+    return ctx, mask, scale
 
 
 @lru_cache(maxsize=1024)
