@@ -6,10 +6,13 @@ Also the style mechanics of pixart-sigma.md §6 and the determinism of export.to
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine.request import STYLE_NAMES
 from engine.text import STYLE_TEMPLATES, T5Tokenizer, apply_style, preprocess
@@ -109,6 +112,36 @@ def test_preprocess_matches_diffusers(diffusers_pipeline, clean):
     got = [preprocess(caption, clean=clean) for caption in NASTY_CAPTIONS]
     mismatches = [(c, e, g) for c, e, g in zip(NASTY_CAPTIONS, expected, got, strict=True) if e != g]
     assert not mismatches
+
+
+# Pieces that exercise the rules with the most backtracking (hosts, schemes, file names, sizes, word boundaries).
+CAPTION_PIECES = ["a", "Z", "1", "9", ".", "-", "_", "/", "@", " ", "x", "х", "×", "%", ":", "com", "co", "it",
+                  "http", "https", "www", "png", "jpeg", "é", "٣", "\n", ".com", "http:", "//", "1.5x2", "#1", "'",
+                  '"', "<b>", "&amp", ",", "123456", "page 2"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(CAPTION_PIECES), max_size=20).map("".join))
+def test_preprocess_matches_diffusers_on_generated_captions(diffusers_pipeline, caption):
+    # The linear-time rewrites of diffusers' quadratic rules must give diffusers' output on any text.
+    assert preprocess(caption) == diffusers_pipeline._text_preprocessing([caption], clean_caption=True)[0]
+
+
+@pytest.mark.parametrize("unit", ["a.", "1.", "a.com", "www.", "1", "-.", "a1.", "a.png"])
+def test_preprocess_work_grows_linearly_on_adversarial_input(unit):
+    # diffusers' rules take ~16x the time for 4x the text here (quadratic backtracking; a second per 10,000
+    # characters, holding the GIL); linear work takes ~4x. The bound sits between the two.
+    def seconds(n: int) -> float:
+        text = unit * (n // len(unit))
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            preprocess(text)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    small, large = seconds(2500), seconds(10_000)
+    assert large < 9 * small + 0.02, (small, large)
 
 
 def test_preprocess_cleans_twice():
