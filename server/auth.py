@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 
+from .logs import RateLimitedLog
+
 log = logging.getLogger("pixart.server.auth")
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -32,6 +34,13 @@ def load_keys(keys: Iterable[str] = (), keys_file: str | None = None, env: str |
     return list(dict.fromkeys(out))
 
 
+def presented_key(authorization: str) -> str:
+    """The key in an `authorization: Key <key>` value (gRPC metadata or an HTTP header), or ""."""
+    if isinstance(authorization, str) and authorization.startswith("Key "):
+        return authorization[4:].strip()
+    return ""
+
+
 def key_matches(presented: str, keys: list[str]) -> bool:
     ok = False
     for key in keys:
@@ -43,6 +52,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: list[str], on_reject: Callable[[str], None] | None = None):
         self._keys = list(keys)
         self._on_reject = on_reject
+        self._log = RateLimitedLog(log, "rejected calls without a valid API key")
 
     async def intercept_service(
         self,
@@ -54,11 +64,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         presented = ""
         for name, value in details.invocation_metadata or ():
-            if name == "authorization" and isinstance(value, str) and value.startswith("Key "):
-                presented = value[4:].strip()
+            if name == "authorization":
+                presented = presented_key(value)
         if presented and key_matches(presented, self._keys):
             return await continuation(details)
-        log.warning("rejected call without a valid API key", extra={"method": method})
+        self._log(method=method[:100])
         if self._on_reject:
             self._on_reject(method)
         handler = await continuation(details)

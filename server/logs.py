@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -32,3 +33,21 @@ def setup_logging(level: str = "INFO", json_lines: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class RateLimitedLog:
+    """At most one line per interval for an event a client can trigger at will, carrying how many it stands for."""
+
+    def __init__(self, logger: logging.Logger, message: str, interval_s: float = 10.0):
+        self.logger, self.message, self.interval_s = logger, message, interval_s
+        self.next_at, self.pending = 0.0, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, **extra: object) -> None:
+        with self._lock:
+            self.pending += 1
+            now = time.monotonic()
+            if now < self.next_at:
+                return
+            count, self.pending, self.next_at = self.pending, 0, now + self.interval_s
+        self.logger.warning(self.message, extra={**extra, "count": count})
