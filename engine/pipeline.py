@@ -125,8 +125,8 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------------------
 
-    def check(self, request: GenerationRequest) -> None:
-        """Raise InvalidRequest for every bad field, the engine's own rules included."""
+    def violations(self, request: GenerationRequest) -> list[tuple[str, str]]:
+        """Every bad field as (field, rule), the engine's own rules included, whatever else is wrong."""
         violations = request.violations()
         if request.enable_safety_checker is True and not self.has_safety_checker:
             violations.append(("enable_safety_checker", "this engine was exported without a safety checker"))
@@ -135,6 +135,11 @@ class Engine:
             want = (request.num_images, self.latent_channels, h // self.vae_scale, w // self.vae_scale)
             if tuple(request.latents.shape) != want:
                 violations.append(("latents", f"must have shape {want}"))
+        return violations
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequest naming every bad field."""
+        violations = self.violations(request)
         if violations:
             raise InvalidRequest(violations)
 

@@ -10,8 +10,6 @@ import asyncio
 import json
 import logging
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +26,12 @@ from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
 from . import convert
 from . import store as st
 from .auth import ApiKeyInterceptor
-from .http import SideServer
+from .guard import DecodeGuard
+from .http import HttpServer, ResultSigner, build_app
 from .metrics import STAGES, Metrics
 from .queue import Job, Scheduler, ShutdownAbort
 from .service import PixArtService, outcome_status
+from .webhooks import Delivery, WebhookPolicy, WebhookSender, body_json
 
 log = logging.getLogger("pixart.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PixArt"].full_name
@@ -45,8 +45,9 @@ class ServerConfig:
     engine: str
     host: str = "127.0.0.1"
     port: int = 50051
-    metrics_port: int | None = 9464  # also serves stored results; None: no HTTP server (sync_mode=false refused)
-    public_url: str | None = None  # base of result URLs as callers reach them; default http://host:metrics_port
+    http_port: int | None = 9464  # stored results, /metrics, /healthz; None: no HTTP server
+    public_url: str | None = None  # base of result URLs as callers reach them; default http(s)://host:http_port
+    metrics_address: str | None = None  # "host:port": /metrics on its own listener (without a key), not on http_port
     max_queue: int = 64
     max_batch: int = 4
     max_batch_images: int = 4
@@ -59,8 +60,13 @@ class ServerConfig:
     grace_s: float = 30.0
     providers: list[str] | None = None
     warmup: bool = True
-    port_file: str | None = None  # written once serving, as JSON {"port", "metrics_port"}: for port 0
+    port_file: str | None = None  # written once serving, as JSON {"port", "http_port"}: for port 0
     webhook_timeout_s: float = 10.0
+    webhook_attempts: int = 5
+    webhook_backoff_s: float = 1.0
+    webhook_allow: list[str] = field(default_factory=list)  # CIDRs and host names opened to webhooks
+    webhook_secret: str | None = None  # signs deliveries; default: a key kept in the store folder
+    result_url_ttl_s: float = 3600.0  # how long a signed result URL works
 
 
 class App:
@@ -74,9 +80,16 @@ class App:
         self.store = st.Store(config.store)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
-        self.side: SideServer | None = None
+        self.http: HttpServer | None = None
+        self.metrics_http: HttpServer | None = None
         self.port = 0
-        self._webhooks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pixart-webhook")
+        self.signer = ResultSigner(self.store.secret("url-signing"), config.result_url_ttl_s)
+        self.webhook_policy = WebhookPolicy(config.webhook_allow)
+        secret = config.webhook_secret.encode() if config.webhook_secret else self.store.secret("webhook-signing")
+        self.webhooks = WebhookSender(self.webhook_policy, secret, timeout_s=config.webhook_timeout_s,
+                                      attempts=config.webhook_attempts, backoff_s=config.webhook_backoff_s)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deliveries: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
 
@@ -84,7 +97,13 @@ class App:
     async def start(self) -> None:
         """Open the ports (health NOT_SERVING); the engine loads afterwards in load_engine()."""
         cfg = self.config
-        interceptors = []
+        self._loop = asyncio.get_running_loop()
+
+        def refused(method: str) -> None:
+            self.metrics.requests.labels(method.rsplit("/", 1)[-1][:64], "INVALID_ARGUMENT").inc()
+
+        # outermost first: undecodable bytes are refused whatever the key check says
+        interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard(on_refuse=refused)]
         if cfg.api_keys:
             interceptors.append(
                 ApiKeyInterceptor(
@@ -113,20 +132,47 @@ class App:
             self.port = self.server.add_secure_port(address, creds)
         else:
             self.port = self.server.add_insecure_port(address)
-        if cfg.metrics_port is not None:
-            self.side = SideServer(cfg.host, cfg.metrics_port, self.metrics.render, self.store.image_path)
-            self.side.start()
+        healthy = lambda: self.engine is not None and not self.draining  # noqa: E731
+        if cfg.metrics_address:
+            host, _, port = cfg.metrics_address.rpartition(":")
+            self.metrics_http = HttpServer(
+                build_app(signer=None, result_file=None, keys=[], render_metrics=self.metrics.render,
+                          healthy=healthy),
+                host.strip("[]") or cfg.host, int(port))
+            await self.metrics_http.start()
+        if cfg.http_port is not None:
+            app = build_app(signer=self.signer, result_file=self._servable_result, keys=cfg.api_keys,
+                            render_metrics=None if cfg.metrics_address else self.metrics.render, healthy=healthy)
+            self.http = HttpServer(app, cfg.host, cfg.http_port, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
+            await self.http.start()
         await self.server.start()
         self._tasks.append(asyncio.create_task(self._expire_loop()))
-        log.info("listening", extra={"port": self.port, "metrics_port": self.metrics_port, "tls": bool(cfg.tls_cert)})
+        log.info("listening", extra={"port": self.port, "http_port": self.http_port, "tls": bool(cfg.tls_cert)})
 
     @property
-    def metrics_port(self) -> int | None:
-        return self.side.port if self.side else None
+    def http_port(self) -> int | None:
+        return self.http.port if self.http else None
 
     def result_url(self, request_id: str, file_name: str) -> str:
-        base = self.config.public_url or (f"http://{self.config.host}:{self.metrics_port}" if self.side else "")
-        return f"{base.rstrip('/')}/results/{request_id}/{file_name}"
+        """A signed URL for one stored image, valid for result_url_ttl_s from now."""
+        scheme = "https" if self.http is not None and self.http.tls else "http"
+        base = self.config.public_url or (f"{scheme}://{self.config.host}:{self.http_port}" if self.http else "")
+        return self.signer.url(base, request_id, file_name)
+
+    async def _servable_result(self, request_id: str, file_name: str) -> Path | None:
+        return await asyncio.to_thread(self._result_file, request_id, file_name)
+
+    def _result_file(self, request_id: str, file_name: str) -> Path | None:
+        """The file only if a COMPLETED request with sync_mode=false names it: sync results never have a URL."""
+        row = self.store.get(request_id)
+        if row is None or row.state != st.COMPLETED or not row.result:
+            return None
+        request = pb.GenerateRequest.FromString(row.request)
+        if not request.HasField("sync_mode") or request.sync_mode:
+            return None
+        if file_name not in {img.file_name for img in pb.GenerateResult.FromString(row.result).images}:
+            return None
+        return self.store.image_path(request_id, file_name)
 
     async def load_engine(self) -> None:
         cfg = self.config
@@ -154,18 +200,21 @@ class App:
         self.scheduler.start()
         self.engine = engine
         for row in await asyncio.to_thread(self.store.pending_webhooks):
-            self._webhooks.submit(self._send_webhook_row, row)
+            self._schedule_webhook(row.id)
         if not self.draining:
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"load_s": round(time.monotonic() - t0, 3)})
         if cfg.port_file:
-            Path(cfg.port_file).write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port}))
+            Path(cfg.port_file).write_text(json.dumps({"port": self.port, "http_port": self.http_port}))
 
     def _recover(self) -> None:
         """Put the durable requests that were queued or running at the last stop back in the queue, in order."""
         rows = self.store.unfinished()
         for row in rows:
+            if row.cancel_requested:  # cancelled while it ran, then the server died: it never runs again
+                self.cancel_stored(row)
+                continue
             msg = pb.GenerateRequest.FromString(row.request)
             request = convert.request_from_proto(msg)
             job = Job(request, durable=True, request_bytes=row.request, webhook_url=row.webhook_url, id=row.id)
@@ -217,9 +266,7 @@ class App:
             )
         log.info("ended", extra={"request_id": job.id, "state": state, "queue_s": round(job.queue_s, 4)})
         if job.webhook_url:
-            row = self.store.get(job.id)
-            if row is not None:
-                self._webhooks.submit(self._send_webhook_row, row)
+            self._schedule_webhook(job.id)
 
     # -- queue helpers used by the service ------------------------------------------------------------------
     def stored_result(self, row: st.Row) -> pb.GenerateResult:
@@ -237,31 +284,36 @@ class App:
     def cancel_stored(self, row: st.Row) -> None:
         self.store.finish(row.id, st.CANCELED, request=row.request, logs=row.logs)
         if row.webhook_url:
-            self._webhooks.submit(self._send_webhook_row, self.store.get(row.id))
+            self._schedule_webhook(row.id)
 
-    def _send_webhook_row(self, row: st.Row | None) -> None:
-        """POST the end of a request to its webhook, once: a few tries, then it is marked done either way."""
-        if row is None:
+    # -- webhooks -------------------------------------------------------------------------------------------
+    def _schedule_webhook(self, request_id: str) -> None:
+        """Deliver the end of a request to its webhook (from any thread); undelivered ones resume at the next start."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._start_delivery, request_id)
+
+    def _start_delivery(self, request_id: str) -> None:
+        task = asyncio.create_task(self._deliver(request_id))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, request_id: str) -> None:
+        row = await asyncio.to_thread(self.store.get, request_id)
+        if row is None or not row.webhook_url or row.webhook_done:
             return
+        body = body_json(await asyncio.to_thread(self._webhook_payload, row))
+        await self.webhooks.deliver(Delivery(row.id, row.webhook_url, body))
+        # done either way: delivered, refused, or every retry spent (the receiver's trouble must not become ours)
+        await asyncio.to_thread(self.store.mark_webhook_done, row.id)
+
+    def _webhook_payload(self, row: st.Row) -> dict[str, Any]:
         body: dict[str, Any] = {"request_id": row.id, "status": row.state, "payload": None, "error": None}
         if row.state == st.COMPLETED and row.result:
             body["payload"] = convert.result_to_json(self.stored_result(row))
         if row.error:
             err = status_pb2.Status.FromString(row.error)
             body["error"] = {"code": convert.grpc_code(err).name, "message": err.message}
-        data = json.dumps(body).encode()
-        for attempt in range(3):
-            try:
-                req = urllib.request.Request(
-                    row.webhook_url, data=data, method="POST", headers={"Content-Type": "application/json"}
-                )
-                with urllib.request.urlopen(req, timeout=self.config.webhook_timeout_s) as resp:
-                    resp.read()
-                break
-            except Exception as exc:  # the receiver's trouble must not become ours: log, retry, give up
-                log.warning("webhook failed", extra={"request_id": row.id, "attempt": attempt + 1, "error": str(exc)})
-                time.sleep(0.5 * (attempt + 1))
-        self.store.mark_webhook_done(row.id)
+        return body
 
     async def _expire_loop(self) -> None:
         period = max(1.0, min(60.0, self.config.result_ttl_s / 4))
@@ -301,9 +353,13 @@ class App:
             task.cancel()
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.join, 5.0)
-        await asyncio.to_thread(self._webhooks.shutdown, wait=True)
-        if self.side is not None:
-            self.side.stop()
+        if self._deliveries:  # a few seconds for deliveries under way; the rest resume at the next start
+            _, pending = await asyncio.wait(set(self._deliveries), timeout=5.0)
+            for task in pending:
+                task.cancel()
+        for http in (self.http, self.metrics_http):
+            if http is not None:
+                await http.stop()
         self.store.close()
         self._stopped.set()
 

@@ -45,15 +45,52 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind gRPC and HTTP to")
     p.add_argument("--port", type=int, default=_env("port", 50051, int), help="gRPC port; 0 picks a free one")
     p.add_argument(
+        "--http-port",
         "--metrics-port",
+        dest="http_port",
         type=_optional_port,
-        default=_env("metrics_port", 9464, _optional_port),
-        help="HTTP port for /metrics and stored results; 0 picks a free one, 'off' disables",
+        default=_env("http_port", _env("metrics_port", 9464, _optional_port), _optional_port),
+        help="HTTP port for stored results (signed URLs), /metrics and /healthz; 0 picks a free one, 'off' "
+        "disables. TLS with --tls-cert/--tls-key as gRPC",
     )
     p.add_argument(
         "--public-url",
         default=_env("public_url"),
-        help="base URL under which callers reach the HTTP port (result URLs); default http://host:port",
+        help="base URL under which callers reach the HTTP port (result URLs); default http(s)://host:port",
+    )
+    p.add_argument(
+        "--metrics-address",
+        default=_env("metrics_address"),
+        help="HOST:PORT: serve /metrics there, on its own listener without a key (bind it to an internal "
+        "address), instead of on the HTTP port, where it needs an API key when keys are configured",
+    )
+    p.add_argument(
+        "--result-url-ttl",
+        type=float,
+        default=_env("result_url_ttl", 3600.0, float),
+        help="seconds a signed result URL stays valid (a Result call signs fresh ones)",
+    )
+    p.add_argument(
+        "--webhook-allow",
+        action="append",
+        default=[a for a in (_env("webhook_allow") or "").split(",") if a],
+        metavar="CIDR|HOST",
+        help="open webhooks to a network or host that the default policy refuses (loopback, private, "
+        "link-local...); repeatable; PIXART_WEBHOOK_ALLOW takes a comma-separated list",
+    )
+    p.add_argument(
+        "--webhook-secret",
+        default=_env("webhook_secret"),
+        help="key that signs webhook deliveries (X-Pixart-Signature); default: a random key kept in the store "
+        "folder as webhook-signing.key",
+    )
+    p.add_argument(
+        "--webhook-timeout", type=float, default=_env("webhook_timeout", 10.0, float),
+        help="seconds one webhook delivery attempt may take",
+    )
+    p.add_argument(
+        "--webhook-attempts", type=int, default=_env("webhook_attempts", 5, int),
+        help="delivery attempts per webhook (exponential backoff from 1 s between them)",
     )
     p.add_argument(
         "--max-queue",
@@ -104,7 +141,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--port-file",
         default=_env("port_file"),
-        help="write {port, metrics_port} as JSON here once serving (useful with port 0)",
+        help="write {port, http_port} as JSON here once serving (useful with port 0)",
     )
     p.add_argument("--log-level", default=_env("log_level", "INFO"))
     p.add_argument("--log-format", choices=("json", "text"), default=_env("log_format", "json"))
@@ -120,8 +157,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
         engine=args.engine,
         host=args.host,
         port=args.port,
-        metrics_port=args.metrics_port,
+        http_port=args.http_port,
         public_url=args.public_url,
+        metrics_address=args.metrics_address,
+        result_url_ttl_s=args.result_url_ttl,
+        webhook_allow=list(args.webhook_allow),
+        webhook_secret=args.webhook_secret,
+        webhook_timeout_s=args.webhook_timeout,
+        webhook_attempts=args.webhook_attempts,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         max_batch_images=args.max_batch_images,

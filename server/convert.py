@@ -8,7 +8,6 @@ into something GenerationRequest.violations() refuses with the right field name,
 from __future__ import annotations
 
 import base64
-from urllib.parse import urlsplit
 
 import grpc
 from google.protobuf import any_pb2
@@ -113,19 +112,6 @@ def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
     else:
         msg.image_size_custom.width, msg.image_size_custom.height = (int(s) for s in req.image_size)
     return msg
-
-
-def webhook_violations(url: str) -> list[tuple[str, str]]:
-    """Transport-only rule: an absolute http(s) URL with a host, or empty for none."""
-    if not url:
-        return []
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # raises ValueError for a port that is not a number
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:
-        ok = False
-    return [] if ok else [("webhook_url", "must be an absolute http:// or https:// URL")]
 
 
 def bad_request_status(violations: list[tuple[str, str]], message: str | None = None) -> status_pb2.Status:

@@ -1,67 +1,141 @@
-"""A small HTTP server beside gRPC: /metrics for Prometheus and /results/<id>/<file> for stored images.
+"""The HTTP port beside gRPC (Starlette on uvicorn, on the gRPC server's event loop): stored result images, /metrics,
+/healthz.
 
-Result URLs are capability URLs: the request id is a random 128-bit value, so only those who were told the id
-(the caller, its webhook) can fetch the image. The server runs in its own daemon threads so that a slow
-download never touches the event loop or the engine thread.
+Result images are served only through URLs the server signed: HMAC-SHA256 over request id, file name and expiry with
+a key only the server holds (`?expires=<unix s>&signature=<hex>`), like an object store's presigned URL, so a URL
+can be handed to a browser and stops working when it expires. With API keys configured, `Authorization: Key <key>`
+also opens any result, without a signature. Before any file is touched the id must have the issued format, the file
+name the engine's format, the request must be COMPLETED with `sync_mode=false`, and its result must name that file;
+nothing else in the store folder (the database, keys) has a route.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import hmac
 import mimetypes
-import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import socket
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import quote
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from .auth import key_matches, presented_key
+from .store import is_request_id, is_result_file
 
 
-class SideServer:
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        render_metrics: Callable[[], bytes],
-        image_path: Callable[[str, str], Path | None],
-    ):
-        outer = self
+class ResultSigner:
+    """Signed, expiring result URLs."""
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's spelling)
-                parts = self.path.split("?", 1)[0].strip("/").split("/")
-                if parts == ["metrics"]:
-                    self._send(200, outer.render_metrics(), "text/plain; version=0.0.4; charset=utf-8")
-                elif len(parts) == 3 and parts[0] == "results":
-                    path = outer.image_path(parts[1], parts[2])
-                    if path is None:
-                        self._send(404, b"not found\n", "text/plain")
-                    else:
-                        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-                        self._send(200, path.read_bytes(), kind)
-                elif parts == ["healthz"]:
-                    self._send(200, b"ok\n", "text/plain")
-                else:
-                    self._send(404, b"not found\n", "text/plain")
+    def __init__(self, secret: bytes, ttl_s: float):
+        self.secret, self.ttl_s = secret, ttl_s
 
-            def _send(self, code: int, body: bytes, kind: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def _mac(self, request_id: str, file_name: str, expires: int) -> str:
+        message = f"{request_id}/{file_name}/{expires}".encode()
+        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
 
-            def log_message(self, format: str, *args: object) -> None:  # scrapes every few seconds: stay quiet
-                pass
+    def url(self, base: str, request_id: str, file_name: str, now: float | None = None) -> str:
+        expires = int((now if now is not None else time.time()) + self.ttl_s)
+        signature = self._mac(request_id, file_name, expires)
+        return f"{base.rstrip('/')}/results/{request_id}/{quote(file_name)}?expires={expires}&signature={signature}"
 
-        self.render_metrics = render_metrics
-        self.image_path = image_path
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
-        self.host = host
-        self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="pixart-http", daemon=True)
+    def valid(self, request_id: str, file_name: str, expires: str, signature: str) -> bool:
+        if not expires.isdigit() or len(expires) > 12 or len(signature) != 64:
+            return False
+        if int(expires) < time.time():
+            return False
+        return hmac.compare_digest(self._mac(request_id, file_name, int(expires)), signature)
 
-    def start(self) -> None:
-        self._thread.start()
 
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+def build_app(
+    *,
+    signer: ResultSigner | None,
+    result_file: Callable[[str, str], Awaitable[Path | None]] | None,
+    keys: list[str],
+    render_metrics: Callable[[], bytes] | None,
+    healthy: Callable[[], bool],
+) -> Starlette:
+    """The routes this port serves: results (when `signer`), /metrics (when `render_metrics`), /healthz."""
+
+    def key_ok(request: Request) -> bool:
+        presented = presented_key(request.headers.get("authorization", ""))
+        return bool(keys) and bool(presented) and key_matches(presented, keys)
+
+    async def result(request: Request) -> Response:
+        request_id, file_name = request.path_params["request_id"], request.path_params["file_name"]
+        if not (is_request_id(request_id) and is_result_file(file_name)):
+            return PlainTextResponse("not found\n", 404)
+        query = request.query_params
+        signed = signer.valid(request_id, file_name, query.get("expires", ""), query.get("signature", ""))
+        if not (signed or key_ok(request)):
+            return PlainTextResponse("a valid signature (or, where keys are configured, an API key) is required\n",
+                                     403 if "signature" in query or not keys else 401)
+        path = await result_file(request_id, file_name)
+        if path is None:
+            return PlainTextResponse("not found\n", 404)
+        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=kind, headers={"Cache-Control": "private, max-age=300"})
+
+    async def metrics(request: Request) -> Response:
+        if keys and not key_ok(request):
+            return PlainTextResponse("an API key is required (Authorization: Key <key>)\n", 401)
+        body = await asyncio.to_thread(render_metrics)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n") if healthy() else PlainTextResponse("not serving\n", 503)
+
+    routes = [Route("/healthz", healthz)]
+    if signer is not None and result_file is not None:
+        routes.append(Route("/results/{request_id}/{file_name}", result))
+    if render_metrics is not None:
+        routes.append(Route("/metrics", metrics))
+    return Starlette(routes=routes)
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # the gRPC server's loop owns SIGTERM/SIGINT and drains both servers
+        yield
+
+
+class HttpServer:
+    """uvicorn serving `app` on the running event loop, on a socket bound here (so port 0 works)."""
+
+    def __init__(self, app: Starlette, host: str, port: int, *, tls_cert: str | None = None,
+                 tls_key: str | None = None):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family)
+        self.tls = bool(tls_cert and tls_key)
+        config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, ssl_certfile=tls_cert,
+                                ssl_keyfile=tls_key, timeout_graceful_shutdown=2, server_header=False)
+        self._server = _Server(config)
+        self._task: asyncio.Task | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.socket.getsockname()[1])
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self.socket]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await self._task
+        self.socket.close()

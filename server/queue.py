@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +49,7 @@ class Job:
     request_bytes: bytes = b""  # the original proto, kept for the store
     webhook_url: str = ""
     deadline: float | None = None  # time.monotonic() after which the work stops
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=st.new_request_id)
     key: tuple = ()
     state: str = st.IN_QUEUE
     enqueued: float = field(default_factory=time.monotonic)
@@ -146,7 +145,8 @@ class Scheduler:
 
     def submit(self, job: Job, *, force: bool = False) -> int:
         """Queue a job and return its position (0 = next). force: past max_queue (recovered durable jobs)."""
-        job.key = self.engine.batch_key(job.request)
+        if not job.key:  # the service computes it off the event loop; recovery does it here, in its thread
+            job.key = self.engine.batch_key(job.request)
         with self._cond:
             if not self._accepting and not force:
                 raise Draining()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.rpc import status_pb2
 
-from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
+from engine.request import Cancelled, GenerationRequest, GenerationResult
 from protos.pixart.v1 import pixart_pb2 as pb
 from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .app import App
 
 log = logging.getLogger("pixart.server.service")
+NOT_FOUND_MESSAGE = "no such request (unknown, or expired after --result-ttl)"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # the final status code of the call being served, for the requests metric (each call runs in its own task)
 _call_code: contextvars.ContextVar[list[str]] = contextvars.ContextVar("_call_code")
@@ -110,23 +111,30 @@ class PixArtService(pb_grpc.PixArtServicer):
     # -- shared steps ---------------------------------------------------------------------------------------
     async def _accept(
         self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext, webhook_url: str = ""
-    ) -> GenerationRequest:
-        """Refuse a call the server cannot take now, or a request with any bad field (all of them named)."""
+    ) -> tuple[GenerationRequest, tuple]:
+        """Refuse a call the server cannot take now, or a request with any bad field (all of them named).
+
+        Returns the request and its batch key. The key cleans and tokenizes the prompts, which is CPU work on up
+        to 20,000 characters: it runs in a worker thread so that the event loop (health included) never waits.
+        """
         if self.app.draining:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
         if self.app.engine is None:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the engine is still loading; retry shortly")
         request = convert.request_from_proto(msg)
-        violations = convert.webhook_violations(webhook_url) + request.violations()
-        if not violations:
-            try:
-                self.app.engine.check(request)
-            except InvalidRequest as exc:
-                violations += [v for v in exc.violations if v not in violations]
+        violations = self.app.webhook_policy.violations(webhook_url) + self.app.engine.violations(request)
         if violations:
             log.info("refused", extra={"violations": [f"{f}: {rule}" for f, rule in violations]})
             await abort_with(context, convert.bad_request_status(violations))
-        return request
+        return request, await asyncio.to_thread(self.app.engine.batch_key, request)
+
+    @staticmethod
+    async def _request_id(request_id: str, context: grpc.aio.ServicerContext) -> str:
+        """The id of a Status/Result/Cancel call, refused (never echoed) unless it has the format Submit issues."""
+        if not st.is_request_id(request_id):
+            await abort_with(context, convert.bad_request_status(
+                [("request_id", "must be a request id as Submit returns it (32 lowercase hexadecimal digits)")]))
+        return request_id
 
     async def _enqueue(self, job: Job, context: grpc.aio.ServicerContext) -> int:
         try:
@@ -166,8 +174,8 @@ class PixArtService(pb_grpc.PixArtServicer):
     # -- unary and streaming --------------------------------------------------------------------------------
     @_observed
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
-        req = await self._accept(request, context)
-        job = Job(req, deadline=self._deadline(context))
+        req, key = await self._accept(request, context)
+        job = Job(req, deadline=self._deadline(context), key=key)
         events = self._listen(job)
         await self._enqueue(job, context)
         log.info("accepted", extra={"request_id": job.id, "method": "Generate"})
@@ -185,8 +193,8 @@ class PixArtService(pb_grpc.PixArtServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        req = await self._accept(request, context)
-        job = Job(req, deadline=self._deadline(context))
+        req, key = await self._accept(request, context)
+        job = Job(req, deadline=self._deadline(context), key=key)
         events = self._listen(job)
         position = await self._enqueue(job, context)
         log.info("accepted", extra={"request_id": job.id, "method": "GenerateStream"})
@@ -219,9 +227,9 @@ class PixArtService(pb_grpc.PixArtServicer):
     # -- the durable queue ----------------------------------------------------------------------------------
     @_observed
     async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
-        req = await self._accept(request.request, context, request.webhook_url)
+        req, key = await self._accept(request.request, context, request.webhook_url)
         job = Job(req, durable=True, request_bytes=request.request.SerializeToString(),
-                  webhook_url=request.webhook_url)
+                  webhook_url=request.webhook_url, key=key)
         # stored before it can be scheduled (the worker marks the row running) and before the id is returned
         await asyncio.to_thread(self.app.store.add, job.id, job.request_bytes, job.webhook_url)
         try:
@@ -237,7 +245,8 @@ class PixArtService(pb_grpc.PixArtServicer):
 
     @_observed
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
-        job = self.app.scheduler.jobs.get(request.request_id) if self.app.scheduler else None
+        rid = await self._request_id(request.request_id, context)
+        job = self.app.scheduler.jobs.get(rid) if self.app.scheduler else None
         if job is not None and job.state in (st.IN_QUEUE, st.IN_PROGRESS):
             out = pb.StatusResponse(request_id=job.id, state=pb.RequestState.Value(job.state))
             if job.state == st.IN_QUEUE:
@@ -247,9 +256,9 @@ class PixArtService(pb_grpc.PixArtServicer):
             if request.logs:
                 out.logs.extend(pb.LogLine(**line) for line in list(job.logs))
             return out
-        row = await asyncio.to_thread(self.app.store.get, request.request_id) if request.request_id else None
+        row = await asyncio.to_thread(self.app.store.get, rid)
         if row is None:
-            await abort(context, grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r} (unknown or expired)")
+            await abort(context, grpc.StatusCode.NOT_FOUND, NOT_FOUND_MESSAGE)
         out = pb.StatusResponse(request_id=row.id, state=pb.RequestState.Value(row.state))
         if row.state == st.IN_QUEUE:
             out.queue_position = 0  # stored but not yet scheduled again (the server is starting or stopping)
@@ -261,31 +270,34 @@ class PixArtService(pb_grpc.PixArtServicer):
 
     @_observed
     async def Result(self, request: pb.RequestRef, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
-        job = self.app.scheduler.jobs.get(request.request_id) if self.app.scheduler else None
+        rid = await self._request_id(request.request_id, context)
+        job = self.app.scheduler.jobs.get(rid) if self.app.scheduler else None
         row = None
         if job is None or job.state not in (st.IN_QUEUE, st.IN_PROGRESS):
-            row = await asyncio.to_thread(self.app.store.get, request.request_id) if request.request_id else None
+            row = await asyncio.to_thread(self.app.store.get, rid)
             if row is None:
-                await abort(context, grpc.StatusCode.NOT_FOUND,
-                            f"no request {request.request_id!r} (unknown or expired)")
+                await abort(context, grpc.StatusCode.NOT_FOUND, NOT_FOUND_MESSAGE)
         state = row.state if row is not None else job.state
         if state != st.COMPLETED:
             detail = ""
             if row is not None and row.error:
-                detail = ": " + status_pb2.Status.FromString(row.error).message
-            await abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                        f"request {request.request_id} is {state}, not COMPLETED{detail}")
+                detail = ": " + status_pb2.Status.FromString(row.error).message[:500]
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"the request is {state}, not COMPLETED{detail}")
         return await asyncio.to_thread(self.app.stored_result, row)
 
     @_observed
     async def Cancel(self, request: pb.RequestRef, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
-        rid = request.request_id
+        rid = await self._request_id(request.request_id, context)
+        job = self.app.scheduler.jobs.get(rid) if self.app.scheduler else None
+        if job is not None and job.durable:
+            # committed before the answer: a crash after "cancellation requested" must not run it again
+            await asyncio.to_thread(self.app.store.request_cancel, rid)
         outcome = self.app.scheduler.cancel(rid) if self.app.scheduler else None
         if outcome == "queued":
             return pb.CancelResponse(request_id=rid, outcome=pb.CANCELLED_WHILE_QUEUED, state=pb.CANCELED)
         if outcome == "running":
             return pb.CancelResponse(request_id=rid, outcome=pb.CANCELLATION_REQUESTED, state=pb.IN_PROGRESS)
-        row = await asyncio.to_thread(self.app.store.get, rid) if rid else None
+        row = await asyncio.to_thread(self.app.store.get, rid)
         if row is None:
             return pb.CancelResponse(request_id=rid, outcome=pb.NOT_FOUND)
         if row.state in st.TERMINAL:

@@ -1,7 +1,9 @@
 """The durable side of the queue: request states in SQLite (WAL), result images as files beside the database.
 
-Layout of a store folder:  requests.sqlite3 (+ -wal, -shm)  and  results/<request_id>/<file_name>.
-A Submit is acknowledged only after its row is committed, so a request the server said yes to survives kill -9.
+Layout of a store folder:  requests.sqlite3 (+ -wal, -shm), results/<request_id>/<file_name>, and the server's
+signing keys (*.key). Only files under results/ are ever served, and only those a stored request names.
+A Submit is acknowledged only after its row is committed, so a request the server said yes to survives kill -9;
+so is a Cancel of a running request (the flag is committed before the answer, and a restart honours it).
 Files are written before the row that points at them, so a COMPLETED row never names a missing file.
 The connection is shared by the event loop and the worker thread under one lock; every statement is short.
 """
@@ -11,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +43,30 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 """
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Versioned changes to a store written by an older server, applied in order at open (PRAGMA user_version).
+_MIGRATIONS = (
+    "ALTER TABLE requests ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+_COLUMNS = ("id, state, durable, request, webhook_url, webhook_done, created, started, finished, error, result, logs, "
+            "cancel_requested")
+
+# Request ids are exactly what new_request_id() makes; anything else is refused before it reaches a query or a path.
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+# Result files are exactly what the engine names them: image_<index>.<extension>.
+_RESULT_FILE = re.compile(r"image_[0-9]{1,2}\.(?:png|jpg|webp)")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_request_id(value: str) -> bool:
+    return isinstance(value, str) and _REQUEST_ID.fullmatch(value) is not None
+
+
+def is_result_file(value: str) -> bool:
+    return isinstance(value, str) and _RESULT_FILE.fullmatch(value) is not None
 
 
 @dataclass
@@ -56,6 +83,7 @@ class Row:
     error: bytes | None  # a serialized google.rpc.Status
     result: bytes | None  # a serialized pixart.v1.GenerateResult without file_data or url
     logs: list
+    cancel_requested: bool = False  # a Cancel arrived while it ran: it must not run again after a restart
 
 
 class Store:
@@ -69,6 +97,40 @@ class Store:
         # FULL: an acknowledged Submit must survive power loss too, not only a killed process
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"store {self.folder} has schema version {version}, newer than this server's {SCHEMA_VERSION}; "
+                "run a newer server or point --store elsewhere"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            with self._db:  # each migration and its version bump commit together
+                self._db.execute("BEGIN")
+                self._db.execute(_MIGRATIONS[number])
+                self._db.execute(f"PRAGMA user_version = {number + 1}")
+
+    def secret(self, name: str) -> bytes:
+        """A random 32-byte key kept in the store folder (mode 0600), made on first use: it outlives restarts."""
+        path = self.folder / f"{name}.key"
+        try:
+            return bytes.fromhex(path.read_text().strip())
+        except FileNotFoundError:
+            pass
+        key = secrets.token_bytes(32)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key.hex())
+        try:
+            os.link(tmp, path)  # first writer wins, so that every process of this store shares one key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return bytes.fromhex(path.read_text().strip())
 
     def close(self) -> None:
         with self._lock:
@@ -95,6 +157,15 @@ class Store:
             (IN_PROGRESS, time.time(), request_id, IN_QUEUE),
         )
 
+    def request_cancel(self, request_id: str) -> bool:
+        """Record a Cancel of a queued or running request (committed before returning); False if it had ended."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE requests SET cancel_requested = 1 WHERE id = ? AND state IN (?, ?)",
+                (request_id, IN_QUEUE, IN_PROGRESS),
+            )
+            return cur.rowcount > 0
+
     def requeue(self, request_id: str) -> None:
         """A request that was running when the server died goes back to the queue."""
         self._exec("UPDATE requests SET state = ?, started = NULL WHERE id = ?", (IN_QUEUE, request_id))
@@ -116,8 +187,8 @@ class Store:
             folder = self.results / request_id
             folder.mkdir(parents=True, exist_ok=True)
             for name, data in images:
-                if not _SAFE_NAME.match(name):
-                    raise ValueError(f"unsafe result file name {name!r}")
+                if not is_result_file(name):
+                    raise ValueError("result file names must be image_<index>.<png|jpg|webp>")
                 tmp = folder / f".{name}.tmp"
                 tmp.write_bytes(data)
                 os.replace(tmp, folder / name)
@@ -131,26 +202,22 @@ class Store:
         )
 
     def get(self, request_id: str) -> Row | None:
-        rows = self._exec(
-            "SELECT id, state, durable, request, webhook_url, webhook_done, created, started, finished, error, "
-            "result, logs FROM requests WHERE id = ?",
-            (request_id,),
-        )
+        if not is_request_id(request_id):
+            return None
+        rows = self._exec(f"SELECT {_COLUMNS} FROM requests WHERE id = ?", (request_id,))
         return _row(rows[0]) if rows else None
 
     def unfinished(self) -> list[Row]:
         """Durable requests that were queued or running when the server last stopped, oldest first."""
         rows = self._exec(
-            "SELECT id, state, durable, request, webhook_url, webhook_done, created, started, finished, error, "
-            "result, logs FROM requests WHERE state IN (?, ?) AND durable = 1 ORDER BY seq",
+            f"SELECT {_COLUMNS} FROM requests WHERE state IN (?, ?) AND durable = 1 ORDER BY seq",
             (IN_QUEUE, IN_PROGRESS),
         )
         return [_row(r) for r in rows]
 
     def pending_webhooks(self) -> list[Row]:
         rows = self._exec(
-            "SELECT id, state, durable, request, webhook_url, webhook_done, created, started, finished, error, "
-            "result, logs FROM requests WHERE state IN (?, ?, ?) AND webhook_url != '' AND webhook_done = 0 "
+            f"SELECT {_COLUMNS} FROM requests WHERE state IN (?, ?, ?) AND webhook_url != '' AND webhook_done = 0 "
             "ORDER BY seq",
             TERMINAL,
         )
@@ -160,11 +227,15 @@ class Store:
         self._exec("UPDATE requests SET webhook_done = 1 WHERE id = ?", (request_id,))
 
     def image_path(self, request_id: str, file_name: str) -> Path | None:
-        """The file of a stored image, or None; names are checked so a URL cannot reach outside the store."""
-        if not (_SAFE_NAME.match(request_id) and _SAFE_NAME.match(file_name)) or file_name.startswith("."):
+        """The file of a stored image, or None. Only an id of the issued format and an engine-made file name are
+        looked at, and the path must resolve inside that request's own folder (no links out)."""
+        if not (is_request_id(request_id) and is_result_file(file_name)):
             return None
-        path = self.results / request_id / file_name
-        return path if path.is_file() else None
+        folder = (self.results / request_id).resolve()
+        path = (folder / file_name).resolve()
+        if path.parent != folder or not folder.is_relative_to(self.results.resolve()) or not path.is_file():
+            return None
+        return path
 
     def expire(self, ttl_s: float, now: float | None = None) -> int:
         """Forget requests that ended more than ttl_s ago, files included; return how many."""
@@ -180,4 +251,5 @@ def _row(r: tuple) -> Row:
     return Row(
         id=r[0], state=r[1], durable=bool(r[2]), request=r[3], webhook_url=r[4], webhook_done=bool(r[5]),
         created=r[6], started=r[7], finished=r[8], error=r[9], result=r[10], logs=json.loads(r[11] or "[]"),
+        cancel_requested=bool(r[12]),
     )

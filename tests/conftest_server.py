@@ -71,7 +71,7 @@ def shared_engine() -> Any:
 
 
 def config(store: Path, **kw: Any) -> ServerConfig:
-    base = ServerConfig(engine=str(export_dir()), port=0, metrics_port=0, store=str(store), warmup=False,
+    base = ServerConfig(engine=str(export_dir()), port=0, http_port=0, store=str(store), warmup=False,
                         grace_s=30.0)
     return replace(base, **kw)
 
@@ -102,8 +102,8 @@ class ServerThread:
         return f"127.0.0.1:{self.app.port}"
 
     @property
-    def metrics_port(self) -> int:
-        return self.app.metrics_port
+    def http_port(self) -> int:
+        return self.app.http_port
 
     def wait_idle(self, timeout: float = 60) -> None:
         """Until nothing is queued or running (cancelled work has stopped)."""
@@ -129,7 +129,7 @@ class ServerProcess:
         self.store = Path(store)
         self.port_file = self.store.parent / f"ports-{time.monotonic_ns()}.json"
         cmd = [sys.executable, "-m", "server.cli", "serve", "--engine", str(export_dir()), "--port", "0",
-               "--metrics-port", "0", "--store", str(store), "--port-file", str(self.port_file), "--no-warmup",
+               "--http-port", "0", "--store", str(store), "--port-file", str(self.port_file), "--no-warmup",
                *args]
         self.log_path = self.store.parent / f"server-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in wait())
@@ -141,7 +141,7 @@ class ServerProcess:
                 raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-3000:]}")
             time.sleep(0.05)
         ports = json.loads(self.port_file.read_text())
-        self.port, self.metrics_port = ports["port"], ports["metrics_port"]
+        self.port, self.http_port = ports["port"], ports["http_port"]
 
     @property
     def address(self) -> str:
@@ -171,8 +171,10 @@ def health(address: str, service: str = "") -> int:
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
-def metrics_text(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+def metrics_text(port: int, key: str | None = None) -> str:
+    headers = {"Authorization": f"Key {key}"} if key else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as resp:
         return resp.read().decode()
 
 

@@ -45,7 +45,8 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 def server(tmp_path_factory):
     # max_wait lets concurrent callers meet in one batch; max_queue is above the 32-client test. Batches stay
     # at 2: the VAE decodes a batch at once and its mid-block attention at 1024x1024 is ~2.5 GB per image.
-    cfg = config(tmp_path_factory.mktemp("store"), max_batch=2, max_batch_images=2, max_wait_ms=200, max_queue=48)
+    cfg = config(tmp_path_factory.mktemp("store"), max_batch=2, max_batch_images=2, max_wait_ms=200, max_queue=48,
+                 webhook_allow=["127.0.0.0/8"])  # the test's webhook receiver listens on loopback
     srv = ServerThread(cfg)
     yield srv
     srv.close()
@@ -217,11 +218,11 @@ def test_all_bad_fields_at_once_and_webhook_url(client) -> None:
 
 
 def test_bad_requests_are_counted_in_metrics(server, client) -> None:
-    before = metric(metrics_text(server.metrics_port), "pixart_requests_total", method="Generate",
+    before = metric(metrics_text(server.http_port), "pixart_requests_total", method="Generate",
                     code="INVALID_ARGUMENT")
     with pytest.raises(PixArtError):
         client.generate("", **CHEAP)
-    after = metric(metrics_text(server.metrics_port), "pixart_requests_total", method="Generate",
+    after = metric(metrics_text(server.http_port), "pixart_requests_total", method="Generate",
                    code="INVALID_ARGUMENT")
     assert after == before + 1
 
@@ -261,7 +262,7 @@ def test_queue_full_and_cancel_queued_and_running(tmp_path) -> None:
 
 def test_client_cancel_of_a_stream_stops_the_work(server, client) -> None:
     server.wait_idle()
-    before = metric(metrics_text(server.metrics_port), "pixart_request_outcomes_total", state="CANCELED")
+    before = metric(metrics_text(server.http_port), "pixart_request_outcomes_total", state="CANCELED")
     with grpc.insecure_channel(server.address) as ch:
         call = pb_grpc.PixArtStub(ch).GenerateStream(pb.GenerateRequest(prompt="long", num_inference_steps=100,
                                                                          image_size_custom=pb.ImageSize(width=256,
@@ -273,7 +274,7 @@ def test_client_cancel_of_a_stream_stops_the_work(server, client) -> None:
         call.cancel()
     server.wait_idle(30)
     assert time.monotonic() - t0 < 20  # stopped at a step, not after 100 of them
-    after = metric(metrics_text(server.metrics_port), "pixart_request_outcomes_total", state="CANCELED")
+    after = metric(metrics_text(server.http_port), "pixart_request_outcomes_total", state="CANCELED")
     assert after == before + 1
 
 
@@ -290,7 +291,7 @@ def test_deadline_stops_the_work(server, client) -> None:
 # -- batching and load -------------------------------------------------------------------------------------------
 def test_batching_batches_and_gives_the_same_pixels(server) -> None:
     server.wait_idle()
-    text = metrics_text(server.metrics_port)
+    text = metrics_text(server.http_port)
     count0, sum0 = metric(text, "pixart_batch_size_count"), metric(text, "pixart_batch_size_sum")
     prompts = [f"a house number {i}" for i in range(4)]
     barrier = threading.Barrier(4)
@@ -302,7 +303,7 @@ def test_batching_batches_and_gives_the_same_pixels(server) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         batched = list(pool.map(call, range(4)))
-    text = metrics_text(server.metrics_port)
+    text = metrics_text(server.http_port)
     count1, sum1 = metric(text, "pixart_batch_size_count"), metric(text, "pixart_batch_size_sum")
     assert sum1 - sum0 == 4 and count1 - count0 < 4, "some of the four requests shared an engine batch"
     with Client(server.address, timeout=120) as c:
@@ -325,14 +326,14 @@ def test_32_concurrent_clients(server) -> None:
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         seeds = list(pool.map(call, range(32)))
     assert seeds == list(range(32))
-    text = metrics_text(server.metrics_port)
+    text = metrics_text(server.http_port)
     assert metric(text, "pixart_images_generated_total") >= 32
     assert metric(text, "pixart_queue_depth") == 0
 
 
 def test_metrics_cover_stages_queue_and_methods(server, client) -> None:
     client.generate("m", **CHEAP)
-    text = metrics_text(server.metrics_port)
+    text = metrics_text(server.http_port)
     for stage in ("text_encoding", "denoising", "decoding", "image_encoding", "total"):
         assert metric(text, "pixart_stage_seconds_count", stage=stage) >= 1
     assert metric(text, "pixart_queue_seconds_count") >= 1
@@ -410,7 +411,7 @@ def test_auth_and_health_transitions(tmp_path) -> None:
         with Client(srv.address, key="other", timeout=60) as c:
             assert c.generate("a", **CHEAP).images
         # the key never reaches the logs; it travels only as metadata
-        text = metrics_text(srv.metrics_port)
+        text = metrics_text(srv.http_port, key="other")
         assert metric(text, "pixart_requests_total", method="Status", code="UNAUTHENTICATED") == 3
         srv.run(srv.app.drain())
         with pytest.raises(grpc.RpcError):  # the port is closed once drained
@@ -458,9 +459,9 @@ def test_tls(tmp_path) -> None:
     srv = ServerThread(config(tmp_path / "store", tls_cert=str(cert), tls_key=str(key), api_keys=["k"]), load=False)
     try:
         with Client(srv.address, key="k", root_certificates=str(cert), timeout=10) as c:
-            assert c.cancel("nothing").outcome == pb.NOT_FOUND
+            assert c.cancel("0" * 32).outcome == pb.NOT_FOUND
         with Client(srv.address, key="k", timeout=3) as plain, pytest.raises(PixArtError) as e:
-            plain.cancel("nothing")
+            plain.cancel("0" * 32)
         assert e.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         srv.close()

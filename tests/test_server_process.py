@@ -104,7 +104,7 @@ def test_env_configuration_and_api_keys(tmp_path) -> None:
                 c.status("x")
             assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
         with Client(srv.address, key="key-beta-9Z", timeout=60) as c:
-            assert c.cancel("x").outcome == pb.NOT_FOUND
+            assert c.cancel("0" * 32).outcome == pb.NOT_FOUND
             assert c.generate("env", **CHEAP).images
     finally:
         srv.signal(signal.SIGTERM)
