@@ -1,4 +1,4 @@
-"""What a caller asks for and what it gets back: the request fields of spec/api.md, validated in one place."""
+"""What a caller asks for and what it gets back: the public request fields (docs/api.md), validated in one place."""
 
 from __future__ import annotations
 
