@@ -7,36 +7,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# width x height, as the public API spells them
-IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
-    "square_hd": (1024, 1024),
-    "square": (512, 512),
-    "portrait_4_3": (768, 1024),
-    "portrait_16_9": (576, 1024),
-    "landscape_4_3": (1024, 768),
-    "landscape_16_9": (1024, 576),
-}
-STYLE_NAMES = (
-    "(No style)",
-    "Cinematic",
-    "Photographic",
-    "Anime",
-    "Manga",
-    "Digital Art",
-    "Pixel art",
-    "Fantasy art",
-    "Neonpunk",
-    "3D Model",
+from engine.vocabulary import (
+    DEFAULT_FORMAT,
+    DEFAULT_GUIDANCE,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    DEFAULT_STYLE,
+    IMAGE_SIZE_PRESETS,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    OUTPUT_FORMATS,
+    SCHEDULERS,
+    STYLE_NAMES,
 )
-SCHEDULERS = ("DPM-SOLVER", "SA-SOLVER")
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
-
-MAX_PROMPT_CHARS = 10_000
-MIN_SIDE, MAX_SIDE = 256, 2048
-MAX_STEPS = 100
-MAX_GUIDANCE = 20.0
-MAX_IMAGES = 8
-MAX_SEED = 2**63 - 1
 
 
 class InvalidRequest(ValueError):
@@ -59,16 +48,16 @@ class Cancelled(Exception):
 class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
-    style: str = "(No style)"
-    image_size: str | tuple[int, int] = "square_hd"  # a preset name or (width, height)
-    num_inference_steps: int = 35
-    scheduler: str = "DPM-SOLVER"
-    guidance_scale: float = 4.5
+    style: str = DEFAULT_STYLE
+    image_size: str | tuple[int, int] = DEFAULT_IMAGE_SIZE  # a preset name or (width, height)
+    num_inference_steps: int = DEFAULT_STEPS
+    scheduler: str = DEFAULT_SCHEDULER
+    guidance_scale: float = DEFAULT_GUIDANCE
     seed: int | None = None  # None: a random seed, always reported back
     num_images: int = 1
     enable_safety_checker: bool = False
     sync_mode: bool = True  # a transport concern; the engine always returns bytes
-    output_format: str = "png"
+    output_format: str = DEFAULT_FORMAT
     clean_caption: bool = True  # diffusers' default; off only to compare with pipelines that skip it
     # Explicit initial latents (num_images, 4, H/8, W/8) at the binned size, for parity tests.
     latents: np.ndarray | None = field(default=None, compare=False, repr=False)

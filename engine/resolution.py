@@ -1,4 +1,5 @@
-"""Resolution binning (spec §2.1): generate at the nearest trained aspect ratio, then resize and crop back."""
+"""Resolution binning (docs/pixart-sigma.md §2.1): generate at the nearest trained aspect ratio, then resize and
+crop back."""
 
 from __future__ import annotations
 

@@ -17,8 +17,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from engine.runtime import create_session
-
-MODES = ("black", "blur")
+from engine.vocabulary import FLAGGED_IMAGE_MODES as MODES
 
 
 class SafetyChecker:
@@ -33,8 +32,6 @@ class SafetyChecker:
         # Same dtype as transformers uses: mean/std are cast to the image's dtype (float32) before the arithmetic.
         self.mean = np.asarray(self.config.get("mean", [0.0, 0.0, 0.0]), dtype=np.float32)
         self.std = np.asarray(self.config.get("std", [1.0, 1.0, 1.0]), dtype=np.float32)
-        self.last_scores: np.ndarray | None = None
-        self.last_special_scores: np.ndarray | None = None
 
     @classmethod
     def from_manifest(
@@ -91,11 +88,10 @@ class SafetyChecker:
         return scores, special, np.asarray(flags).astype(bool)
 
     def check(self, pixels: np.ndarray) -> list[bool]:
-        """has_nsfw_concepts for each uint8 image (B,H,W,3). The scores stay on `last_scores` for logging."""
+        """has_nsfw_concepts for each uint8 image (B,H,W,3)."""
         if len(pixels) == 0:
             return []
-        scores, special, flags = self.run(self.preprocess(pixels))
-        self.last_scores, self.last_special_scores = scores, special
+        _, _, flags = self.run(self.preprocess(pixels))
         return [bool(f) for f in flags]
 
     @staticmethod

@@ -1,10 +1,10 @@
 """Text side of the engine: caption cleaning, style templates and T5 tokenization, with no torch in sight.
 
 * `preprocess` reproduces the caption clean-up PixArt-Sigma's diffusers pipeline runs before tokenizing
-  (pixart-sigma.md §2.3 step 1): a fixed sequence of rewrites, applied twice.
-* `apply_style` wraps a prompt in one of the style templates of the public API (pixart-sigma.md §6).
-* `T5Tokenizer` turns cleaned prompts into the fixed-length id/mask arrays the T5 encoder takes (§2.3 step 2),
-  from a `tokenizer.json` that the export step ships.
+  (docs/pixart-sigma.md §2.3 step 1): a fixed sequence of rewrites, applied twice.
+* `apply_style` wraps a prompt in one of the style templates of the public API (docs/pixart-sigma.md §6).
+* `T5Tokenizer` turns cleaned prompts into the fixed-length id/mask arrays the T5 encoder takes
+  (docs/pixart-sigma.md §2.3 step 2), from a `tokenizer.json` that the export step ships.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import tokenizers
 from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
 
-from engine.request import STYLE_NAMES
+from engine.vocabulary import STYLE_NAMES
 
 # Captions that look like a URL or a file name make BeautifulSoup warn; the text it returns is the same either way.
 warnings.filterwarnings("ignore", category=MarkupResemblesLocatorWarning)
@@ -244,7 +244,7 @@ STYLE_TEMPLATES: dict[str, tuple[str, str]] = {
     ),
 }
 if tuple(STYLE_TEMPLATES) != tuple(STYLE_NAMES):  # pragma: no cover - a programming error, caught at import
-    raise RuntimeError("STYLE_TEMPLATES and engine.request.STYLE_NAMES list different styles")
+    raise RuntimeError("STYLE_TEMPLATES and engine.vocabulary.STYLE_NAMES list different styles")
 
 
 def apply_style(style: str, prompt: str, negative_prompt: str) -> tuple[str, str]:

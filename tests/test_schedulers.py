@@ -19,7 +19,8 @@ from engine.schedulers import DPMSolverMultistep, SASolver, Scheduler, make_sche
 # diffusers (numpy 2) warns about torch's __array__ signature when it builds its sigmas; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-# scheduler/scheduler_config.json of PixArt-alpha/PixArt-Sigma-XL-2-1024-MS (spec section 1.5), as json.load gives it.
+# scheduler/scheduler_config.json of PixArt-alpha/PixArt-Sigma-XL-2-1024-MS (docs/pixart-sigma.md §1.5), as
+# json.load gives it.
 PIXART_SIGMA_CONFIG = {
     "_class_name": "DPMSolverMultistepScheduler",
     "_diffusers_version": "0.22.0.dev0",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.request import IMAGE_SIZE_PRESETS, OUTPUT_FORMATS, SCHEDULERS, STYLE_NAMES, GenerationRequest
+from engine.request import GenerationRequest
+from engine.vocabulary import IMAGE_SIZE_PRESETS, OUTPUT_FORMATS, SCHEDULERS, STYLE_NAMES
 from protos import generate
 from protos.pixart.v1 import pixart_pb2 as pb
 from server import convert

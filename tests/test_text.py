@@ -1,6 +1,6 @@
 """engine.text against the references it must match: diffusers' caption cleaning, transformers' T5 tokenizer.
 
-Also the style mechanics of pixart-sigma.md §6 and the determinism of export.tokenizer's training.
+Also the style mechanics of docs/pixart-sigma.md §6 and the determinism of export.tokenizer's training.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.request import STYLE_NAMES
 from engine.text import STYLE_TEMPLATES, T5Tokenizer, apply_style, preprocess
+from engine.vocabulary import STYLE_NAMES
 from export.tokenizer import DEFAULT_CORPUS, tokenizer_json_for, train_t5_tokenizer
 
 VOCAB_SIZE = 1000

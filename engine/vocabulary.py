@@ -1,0 +1,61 @@
+"""The public API's vocabulary, written once: styles, samplers, output formats, size presets, limits and defaults.
+
+Everything else (the request dataclass, the proto tables in server/convert.py, both command lines) derives its
+names, choices and defaults from here.
+"""
+
+from __future__ import annotations
+
+# width x height, as the public API spells them
+IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+STYLE_NAMES = (
+    "(No style)",
+    "Cinematic",
+    "Photographic",
+    "Anime",
+    "Manga",
+    "Digital Art",
+    "Pixel art",
+    "Fantasy art",
+    "Neonpunk",
+    "3D Model",
+)
+SCHEDULERS = ("DPM-SOLVER", "SA-SOLVER")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+# how each format is written: MIME type, Pillow format and options, file extension
+FORMAT_DETAILS: dict[str, tuple[str, str, dict, str]] = {
+    "png": ("image/png", "PNG", {"compress_level": 4}, "png"),
+    "jpeg": ("image/jpeg", "JPEG", {"quality": 95}, "jpg"),
+    "webp": ("image/webp", "WEBP", {"quality": 95}, "webp"),
+}
+FLAGGED_IMAGE_MODES = ("black", "blur")  # what happens to an image the safety checker flags
+
+DEFAULT_STYLE = STYLE_NAMES[0]
+DEFAULT_IMAGE_SIZE = "square_hd"
+DEFAULT_STEPS = 35
+DEFAULT_SCHEDULER = SCHEDULERS[0]
+DEFAULT_GUIDANCE = 4.5
+DEFAULT_FORMAT = OUTPUT_FORMATS[0]
+
+MAX_PROMPT_CHARS = 10_000
+MIN_SIDE, MAX_SIDE = 256, 2048
+MAX_STEPS = 100
+MAX_GUIDANCE = 20.0
+MAX_IMAGES = 8
+MAX_SEED = 2**63 - 1
+MAX_SEQUENCE_LENGTH = 300  # T5 tokens the pipeline reads, as diffusers' PixArt-Σ pipeline does
+
+
+def parse_image_size(text: str) -> str | tuple[int, int]:
+    """A preset name as given, or "WIDTHxHEIGHT" (x or X) as (width, height); validation happens elsewhere."""
+    width, sep, height = text.strip().lower().partition("x")
+    if sep and width.strip().isdigit() and height.strip().isdigit():
+        return int(width), int(height)
+    return text.strip()
