@@ -443,24 +443,19 @@ class EngineSide(Side):
             raise SystemExit(f"variant {self.spec['side']}: Engine.load does not take {opts}: {e}") from e
 
     def prepare(self, size: int, batch: int) -> None:
-        from engine.positions import sincos_pos_embed
+        from engine import GenerationRequest
         from engine.text import preprocess
 
-        eng = self.engine
         self.texts = [preprocess(PROMPTS[0], False), preprocess(NEGATIVE, False)]
-        embeds, mask = eng.encode_text(self.texts)
+        self.engine.encode_text(self.texts)
         self.latents = np.load(self.spec["latents"])
-        side = size // eng.vae_scale // eng.patch_size
-        pos = sincos_pos_embed(eng.inner_dim, side, side, *eng.pos_geometry)
-        # The engine's own layout of a guided step: [uncond; cond] rows, as in Engine.generate_batch.
-        self.feeds = {
-            b: {
-                "latents": np.concatenate([self.latents[:b]] * 2),
-                "timestep": np.full((2 * b,), 999.0, dtype=np.float32),
-                "encoder_hidden_states": np.concatenate([np.repeat(embeds[1:2], b, 0), np.repeat(embeds[0:1], b, 0)]),
-                "encoder_attention_mask": np.concatenate([np.repeat(mask[1:2], b, 0), np.repeat(mask[0:1], b, 0)]),
-                "pos_embed": pos,
-            }
+        # Generations as the server steps them (guided: prompt and negative rows in one call), with room for
+        # every timed repeat: a step is timed as the engine runs it, sampler update included.
+        self.generations = {
+            b: [self.engine.prepare(GenerationRequest(
+                prompt=PROMPTS[0], negative_prompt=NEGATIVE, image_size=(size, size), num_inference_steps=100,
+                guidance_scale=self.spec["guidance"], seed=i, latents=self.latents[i : i + 1], clean_caption=False,
+            )) for i in range(b)]
             for b in self.spec["batches"]
         }
 
@@ -468,13 +463,7 @@ class EngineSide(Side):
         self.engine.encode_text([preprocess_text(self.fresh(PROMPTS[0])), self.texts[1]])
 
     def step(self, batch: int) -> None:
-        # The stage as the engine runs it; an engine with its own step method (IO binding, ...) is used through it.
-        step = getattr(self.engine, "transformer_step", None)
-        feeds = self.feeds[batch]
-        if callable(step):
-            step(feeds)
-        else:
-            self.engine.transformer.run(None, feeds)
+        self.engine.step(self.generations[batch])
 
     def decode(self) -> None:
         self.engine.decode(self.latents[:1])
@@ -490,7 +479,7 @@ class EngineSide(Side):
             )
             for i, p in enumerate(prompts)
         ]
-        results = self.engine.generate_batch(requests)
+        results = self.engine.generate_many(requests)
         for r in results:
             if isinstance(r, BaseException):
                 raise r

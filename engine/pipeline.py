@@ -1,62 +1,88 @@
 """The engine: an export folder in, images out. No torch, no diffusers: ONNX Runtime, numpy and tokenizers.
 
-`generate_batch` reads like the reference loop (spec §8): bin the size, encode prompt and negative prompt, draw
-latents, run the DPM-Solver++/SA-Solver loop with classifier-free guidance and the learned-sigma split, decode,
-resize and crop back, encode the images.
+A request goes through three stages, each one job (the reference loop of diffusers' PixArtSigmaPipeline, cut where
+a server needs to cut it):
+
+    generation = engine.prepare(request)     # validate, clean + tokenize + encode text, seed latents, sampler
+    while not generation.done:
+        engine.step([generation, ...])       # one transformer call for every row given, each at its own timestep
+    result, = engine.finish([generation])    # decode, resize/crop back, safety, encode images, timings
+
+`step` takes generations of different requests at different timesteps, with their own text lengths (masked),
+guidance scales and samplers, as long as they share a latent size (a bin): a row's arithmetic does not depend on
+its companions, so requests can join and leave a running batch at any step boundary (continuous batching).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from engine.manifest import Manifest
 from engine.positions import sincos_pos_embed
 from engine.request import Cancelled, GeneratedImage, GenerationRequest, GenerationResult, InvalidRequest
 from engine.resolution import classify_bin, resize_and_crop, to_uint8
 from engine.runtime import create_session
 from engine.safety import SafetyChecker
-from engine.schedulers import make_scheduler
+from engine.schedulers import Scheduler, make_scheduler
 from engine.text import T5Tokenizer, apply_style, preprocess
+from engine.vocabulary import FLAGGED_IMAGE_MODES, FORMAT_DETAILS
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-# Text is encoded and cross-attended only up to the batch's longest prompt, rounded up to this many tokens.
-# Padding is masked out (T5: -inf bias, transformer: -10000 bias, both exp() to 0), so trimming changes
-# nothing but the work; the rounding keeps the padded length, and so the arithmetic, the same for a request
-# whether it runs alone or in a batch (the bucket is part of the batch key).
+# A request's text is encoded and cross-attended only up to its longest text (prompt or negative prompt) rounded up
+# to this many tokens. Padding is masked out (T5: -inf bias, transformer: -10000 bias, both exp() to 0), so
+# trimming changes nothing but the work; a batch pads its rows to the longest member's length, masked the same way.
 TEXT_BUCKET = 32
-PIL_FORMATS = {
-    "png": ("PNG", {"compress_level": 4}),
-    "jpeg": ("JPEG", {"quality": 95}),
-    "webp": ("WEBP", {"quality": 95}),
-}
 
 
-@dataclass
-class _Job:
-    """One request inside a batch: its rows of the latent batch, its seed stream and its scheduler."""
+@dataclass(eq=False)
+class Generation:
+    """One request in flight, as plain data: its conditioning, its latents and its sampler's state.
+
+    `context`/`mask` hold the prompt's T5 states, and for a guided request the negative prompt's after them:
+    (1 or 2, L, C) and (1 or 2, L).
+    """
 
     request: GenerationRequest
     seed: int
-    rng: np.random.Generator
-    scheduler: object
-    latents: np.ndarray
-    cond: np.ndarray
-    cond_mask: np.ndarray
-    uncond: np.ndarray | None
-    uncond_mask: np.ndarray | None
+    size_bin: tuple[int, int]  # (H, W) in pixels the transformer runs at
+    rng: np.random.Generator  # the request's own stream: initial latents, then SA-Solver's per-step noise
+    sampler: Scheduler
+    latents: np.ndarray  # (num_images, C, H/8, W/8) float32
+    context: np.ndarray
+    mask: np.ndarray
+    step_index: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    denoise_started: float | None = None
+
+    @property
+    def guided(self) -> bool:
+        return self.request.do_guidance
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.sampler.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.total_steps
+
+    @property
+    def rows(self) -> int:
+        """Rows this generation adds to a transformer batch."""
+        return len(self.latents) * (2 if self.guided else 1)
 
 
 class Engine:
@@ -74,27 +100,22 @@ class Engine:
         text_cache_mb: float = 256,
         guidance_in_one_batch: bool = True,
         flagged_images: str = "black",
+        verify_files: bool = False,
     ):
-        if flagged_images not in ("black", "blur"):
-            raise ValueError(f"flagged_images: 'black' or 'blur', not {flagged_images!r}")
-        self.path = Path(export_dir)
-        self.manifest = json.loads((self.path / "manifest.json").read_text())
-        variants = self.manifest.get("variants", {})
-        variant = variant or ("optimized" if "optimized" in variants else "fp32")
-        if variant != "fp32" and variant not in variants:
-            raise ValueError(f"variant: this export has {['fp32', *variants]}, not {variant!r}")
-        files = {**self.manifest["files"], **variants.get(variant, {})}
-        self.variant = variant
-        self.text_encoder = create_session(self.path / files["text_encoder"], providers, intra_op_threads)
-        self.transformer = create_session(self.path / files["transformer"], providers, intra_op_threads)
+        if flagged_images not in FLAGGED_IMAGE_MODES:
+            raise ValueError(f"flagged_images: one of {FLAGGED_IMAGE_MODES}, not {flagged_images!r}")
+        self.manifest = Manifest.load(export_dir, verify=verify_files)
+        self.path = self.manifest.folder
+        self.variant, files = self.manifest.files(variant)
+        self.text_encoder = create_session(files["text_encoder"], providers, intra_op_threads)
+        self.transformer = create_session(files["transformer"], providers, intra_op_threads)
         # The VAE's mid-block attention peaks at gigabytes per image at 1024²; an arena would keep that peak
         # resident between requests, so this session allocates and frees per run.
-        self.vae_decoder = create_session(self.path / files["vae_decoder"], providers, intra_op_threads,
-                                          memory_arena=False)
+        self.vae_decoder = create_session(files["vae_decoder"], providers, intra_op_threads, memory_arena=False)
         self.trim_text = trim_text
         self.guidance_in_one_batch = guidance_in_one_batch
         self.text_cache = EmbeddingCache(int(text_cache_mb * 2**20))
-        self.tokenizer = T5Tokenizer.from_file(self.path / files["tokenizer"])
+        self.tokenizer = T5Tokenizer.from_file(files["tokenizer"])
         tr = self.manifest["transformer"]
         self.patch_size = int(tr["config"]["patch_size"])
         self.latent_channels = int(tr["config"]["in_channels"])
@@ -110,6 +131,7 @@ class Engine:
             SafetyChecker.from_manifest(self.path, checker, providers, intra_op_threads) if checker else None
         )
         self.flagged_images = flagged_images
+        self._batch_text: tuple[tuple[Generation, ...], np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def load(cls, export_dir: str | Path, providers: list[str] | tuple[str, ...] | None = None, **options) -> Engine:
@@ -144,17 +166,9 @@ class Engine:
             raise InvalidRequest(violations)
 
     def binned_size(self, request: GenerationRequest) -> tuple[int, int]:
-        """(H, W) the transformer runs at for this request."""
+        """(H, W) the transformer runs at for this request: requests with the same one can share a step."""
         width, height = request.size
         return classify_bin(height, width, self.bins)
-
-    def batch_key(self, request: GenerationRequest) -> tuple:
-        """Requests with equal keys can share one transformer batch."""
-        texts = self.prompt_texts(request)
-        return (
-            self.binned_size(request), request.num_inference_steps, request.scheduler, request.do_guidance,
-            self.text_length(max(self.tokenizer.count_tokens(t) for t in texts)),
-        )
 
     def prompt_texts(self, request: GenerationRequest) -> tuple[str, ...]:
         """What T5 reads: the styled, cleaned prompt, then (when guided) the negative prompt."""
@@ -169,7 +183,94 @@ class Engine:
     def warmup(self) -> None:
         self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=1, image_size=(512, 512), seed=0))
 
-    # ---- generation -----------------------------------------------------------------------------------------
+    # ---- the three stages -----------------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> Generation:
+        """Validate, encode the texts (through the cache), draw the seed's latents and set up the sampler."""
+        started = time.perf_counter()
+        self.check(request)
+        context, mask = self.encode_text(list(self.prompt_texts(request)))
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        rng = np.random.default_rng(seed)
+        height, width = self.binned_size(request)
+        shape = (request.num_images, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        if request.latents is not None:
+            latents = np.asarray(request.latents, dtype=np.float32)
+        else:
+            latents = rng.standard_normal(shape, dtype=np.float32)
+        sampler = make_scheduler(request.scheduler, self.scheduler_config)
+        sampler.set_timesteps(request.num_inference_steps)
+        generation = Generation(
+            request=request, seed=seed, size_bin=(height, width), rng=rng, sampler=sampler,
+            latents=latents * np.float32(sampler.init_noise_sigma), context=context, mask=mask, started=started,
+        )
+        generation.timings["text_encoding"] = time.perf_counter() - started
+        return generation
+
+    def step(self, generations: Sequence[Generation]) -> None:
+        """One denoising step for every generation: one transformer call (two with `guidance_in_one_batch` off)
+        over all their rows, then each advances its own sampler. They must share a latent size."""
+        if not generations:
+            return
+        if len({g.size_bin for g in generations}) != 1:
+            raise ValueError("generations stepped together must share a size bin")
+        now = time.perf_counter()
+        for g in generations:
+            if g.done:
+                raise ValueError("a finished generation was stepped again")
+            if g.denoise_started is None:
+                g.denoise_started = now
+        guided = [g for g in generations if g.guided]
+        # rows: every generation's prompt half, then the negative half of the guided ones
+        x = np.concatenate([g.latents for g in generations] + [g.latents for g in guided])
+        t = np.concatenate([np.full(len(g.latents), g.sampler.timesteps[g.step_index], np.float32)
+                            for g in [*generations, *guided]])
+        context, mask = self._conditioning(generations)
+        height, width = generations[0].size_bin
+        pos_embed = sincos_pos_embed(self.inner_dim, height // self.vae_scale // self.patch_size,
+                                     width // self.vae_scale // self.patch_size, *self.pos_geometry)
+        split = sum(len(g.latents) for g in generations)
+        noise_pred = self.predict_noise(x, t, context, mask, pos_embed, split=split if guided else None)
+        cond_rows, uncond_rows = noise_pred[:split], noise_pred[split:]
+        row = uncond_row = 0
+        for g in generations:
+            n = len(g.latents)
+            eps = cond_rows[row : row + n]
+            if g.guided:
+                uncond = uncond_rows[uncond_row : uncond_row + n]
+                eps = uncond + np.float32(g.request.guidance_scale) * (eps - uncond)
+                uncond_row += n
+            row += n
+            eps = eps[:, : self.latent_channels]  # learned sigma: keep the noise half
+            noise = g.rng.standard_normal(g.latents.shape, dtype=np.float32) if g.sampler.needs_noise else None
+            g.latents = g.sampler.step(eps, g.latents, noise)
+            g.step_index += 1
+            if g.done:
+                g.timings["denoising"] = time.perf_counter() - g.denoise_started
+
+    def finish(self, generations: Sequence[Generation]) -> list[GenerationResult]:
+        """Decode, resize and crop back to the requested size, run the safety checker, encode the images."""
+        results = []
+        for g in generations:
+            t0 = time.perf_counter()
+            decoded = self.decode(g.latents)
+            t1 = time.perf_counter()
+            width, height = g.request.size
+            pixels = to_uint8(resize_and_crop(decoded, width, height))
+            flags = [False] * len(pixels)
+            if g.request.enable_safety_checker:
+                flags = self.safety_checker.check(pixels)
+                pixels = self.safety_checker.apply(pixels, flags, self.flagged_images)
+            t2 = time.perf_counter()
+            images = [encode_image(p, g.request.output_format, n) for n, p in enumerate(pixels)]
+            t3 = time.perf_counter()
+            timings = {"text_encoding": 0.0, "denoising": 0.0, **g.timings, "decoding": t1 - t0, "safety": t2 - t1,
+                       "image_encoding": t3 - t2, "total": t3 - g.started}
+            results.append(GenerationResult(images=images, seed=g.seed, prompt=g.request.prompt,
+                                            has_nsfw_concepts=[bool(f) for f in flags], timings=timings))
+        return results
+
+    # ---- whole requests: thin loops over the stages ---------------------------------------------------------
 
     def generate(
         self,
@@ -178,142 +279,37 @@ class Engine:
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> GenerationResult:
-        cancel = (lambda _i: should_cancel()) if should_cancel else None
-        (result,) = self.generate_batch([request], on_step=on_step, should_cancel=cancel)
-        if isinstance(result, BaseException):
-            raise result
+        generation = self.prepare(request)
+        while not generation.done:
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"cancelled at step {generation.step_index}")
+            self.step([generation])
+            if on_step is not None:
+                on_step(generation.step_index, generation.total_steps)
+        (result,) = self.finish([generation])
         return result
 
-    def generate_batch(
-        self,
-        requests: list[GenerationRequest],
-        *,
-        on_step: Callable[[int, int], None] | None = None,
-        should_cancel: Callable[[int], bool] | None = None,
-    ) -> list[GenerationResult | BaseException]:
-        """Run requests that share a batch key as one transformer batch; a failed or cancelled one gets its error."""
+    def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | BaseException]:
+        """Requests of one size bin, stepped together until each is done; a refused one gets its error."""
         results: list[GenerationResult | BaseException | None] = [None] * len(requests)
-        live: dict[int, _Job] = {}
-        key = None
-        for i, req in enumerate(requests):
+        running: dict[int, Generation] = {}
+        for i, request in enumerate(requests):
             try:
-                self.check(req)
-                if key is not None and self.batch_key(req) != key:
-                    raise ValueError("requests in one batch must share a batch key")
-            except (InvalidRequest, ValueError) as e:
-                results[i] = e
-            else:
-                key = key or self.batch_key(req)
-                live[i] = None  # filled below
-        if not live:
-            return results  # type: ignore[return-value]
-
-        t_start = time.perf_counter()
-        first = requests[next(iter(live))]
-        height, width = self.binned_size(first)
-        steps, guided = first.num_inference_steps, first.do_guidance
-
-        # 1. Text: prompt and (when guided) negative prompt, styles applied first, encoded in one T5 batch.
-        texts = [t for i in live for t in self.prompt_texts(requests[i])]
-        embeds, masks = self.encode_text(texts)
-        per_request = 2 if guided else 1
-        t_text = time.perf_counter()
-
-        # 2. Latents and per-request schedulers.
-        for n, i in enumerate(live):
-            req = requests[i]
-            seed = req.seed if req.seed is not None else secrets.randbits(63)
-            rng = np.random.default_rng(seed)
-            shape = (req.num_images, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
-            latents = (
-                np.asarray(req.latents, dtype=np.float32)
-                if req.latents is not None
-                else rng.standard_normal(shape, dtype=np.float32)
-            )
-            scheduler = make_scheduler(req.scheduler, self.scheduler_config)
-            scheduler.set_timesteps(steps)
-            latents = latents * np.float32(scheduler.init_noise_sigma)
-            k, c = req.num_images, per_request * n
-            live[i] = _Job(
-                request=req, seed=seed, rng=rng, scheduler=scheduler, latents=latents,
-                cond=np.repeat(embeds[c : c + 1], k, 0), cond_mask=np.repeat(masks[c : c + 1], k, 0),
-                uncond=np.repeat(embeds[c + 1 : c + 2], k, 0) if guided else None,
-                uncond_mask=np.repeat(masks[c + 1 : c + 2], k, 0) if guided else None,
-            )
-        timesteps = next(iter(live.values())).scheduler.timesteps
-        pos_embed = sincos_pos_embed(
-            self.inner_dim, height // self.vae_scale // self.patch_size, width // self.vae_scale // self.patch_size,
-            *self.pos_geometry,
-        )
-
-        # 3. Denoising: one transformer call per step for every live request, [uncond; cond] when guided.
-        jobs: list[_Job] = []
-        for step, t in enumerate(timesteps):
-            for i in list(live):
-                if should_cancel is not None and should_cancel(i):
-                    results[i] = Cancelled(f"cancelled at step {step}")
-                    del live[i]
-            if not live:
-                return results  # type: ignore[return-value]
-            if len(jobs) != len(live):  # text conditioning changes only when a request leaves the batch
-                jobs = list(live.values())
-                ctx, ctx_mask, scale = _conditioning(jobs, guided)
-            x = np.concatenate([j.latents for j in jobs])
-            if guided:
-                x = np.concatenate([x, x])
-            noise_pred = self.predict_noise(x, t, ctx, ctx_mask, pos_embed, halves=2 if guided else 1)
-            if guided:
-                uncond, cond = np.split(noise_pred, 2)
-                noise_pred = uncond + scale[:, None, None, None] * (cond - uncond)
-            eps = noise_pred[:, : self.latent_channels]  # learned sigma: keep the noise half
-            row = 0
-            for j in jobs:
-                n_rows = j.latents.shape[0]
-                noise = j.rng.standard_normal(j.latents.shape, dtype=np.float32) if j.scheduler.needs_noise else None
-                j.latents = j.scheduler.step(eps[row : row + n_rows], j.latents, noise)
-                row += n_rows
-            if on_step is not None:
-                on_step(step + 1, len(timesteps))
-        t_denoise = time.perf_counter()
-
-        # 4. Decode all live rows at once, then per request: back to the requested size, pixels, files.
-        jobs = list(live.values())
-        decoded = self.decode(np.concatenate([j.latents for j in jobs]))
-        t_decode = time.perf_counter()
-        row = 0
-        for i, j in live.items():
-            k = j.request.num_images
-            width_req, height_req = j.request.size
-            pixels = to_uint8(resize_and_crop(decoded[row : row + k], width_req, height_req))
-            row += k
-            t0 = time.perf_counter()
-            flags = [False] * k
-            if j.request.enable_safety_checker:
-                flags = self.safety_checker.check(pixels)
-                pixels = self.safety_checker.apply(pixels, flags, self.flagged_images)
-            t1 = time.perf_counter()
-            images = [self._encode_image(p, j.request.output_format, n) for n, p in enumerate(pixels)]
-            t_encode = time.perf_counter() - t1
-            results[i] = GenerationResult(
-                images=images,
-                seed=j.seed,
-                prompt=j.request.prompt,
-                has_nsfw_concepts=[bool(f) for f in flags],
-                timings={
-                    "text_encoding": t_text - t_start,
-                    "denoising": t_denoise - t_text,
-                    "decoding": t_decode - t_denoise,
-                    "safety": t1 - t0,
-                    "image_encoding": t_encode,
-                    "total": time.perf_counter() - t_start,
-                },
-            )
+                running[i] = self.prepare(request)
+            except InvalidRequest as exc:
+                results[i] = exc
+        while running:
+            self.step(list(running.values()))
+            for i, g in list(running.items()):
+                if g.done:
+                    (results[i],) = self.finish([g])
+                    del running[i]
         return results  # type: ignore[return-value]
 
-    # ---- stages ---------------------------------------------------------------------------------------------
+    # ---- pieces of the stages -------------------------------------------------------------------------------
 
     def encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """T5 last hidden states (B, L, C) and the int64 mask for preprocessed texts, L = the batch's text length.
+        """T5 last hidden states (B, L, C) and the int64 mask for preprocessed texts, L = the texts' length bucket.
 
         Texts already in the cache are not encoded again (the default empty negative prompt, repeated prompts).
         """
@@ -334,21 +330,42 @@ class Engine:
         embeds = np.stack([found[t] for t in texts])
         return embeds, mask
 
-    def predict_noise(self, x: np.ndarray, t: float, context: np.ndarray, mask: np.ndarray, pos_embed: np.ndarray,
-                      halves: int = 1) -> np.ndarray:
-        """One transformer call over the whole batch, or, with `guidance_in_one_batch` off, one per guidance half."""
-        parts = 1 if self.guidance_in_one_batch else halves
+    def _conditioning(self, generations: Sequence[Generation]) -> tuple[np.ndarray, np.ndarray]:
+        """Text states and masks in row order, padded to the longest member; rebuilt only when membership changes."""
+        cached = self._batch_text
+        if cached is not None and len(cached[0]) == len(generations) and all(
+                a is b for a, b in zip(cached[0], generations, strict=True)):
+            return cached[1], cached[2]
+        length = max(g.context.shape[1] for g in generations)
+        parts = [(g, 0) for g in generations] + [(g, 1) for g in generations if g.guided]
+        rows = sum(len(g.latents) for g, _ in parts)
+        context = np.zeros((rows, length, generations[0].context.shape[2]), np.float32)
+        mask = np.zeros((rows, length), np.int64)
+        row = 0
+        for g, which in parts:
+            n, width = len(g.latents), g.context.shape[1]
+            context[row : row + n, :width] = g.context[which]
+            mask[row : row + n, :width] = g.mask[which]
+            row += n
+        self._batch_text = (tuple(generations), context, mask)
+        return context, mask
+
+    def predict_noise(self, x: np.ndarray, t: np.ndarray, context: np.ndarray, mask: np.ndarray,
+                      pos_embed: np.ndarray, split: int | None = None) -> np.ndarray:
+        """One transformer call over every row, or, with `guidance_in_one_batch` off, one per guidance half
+        (rows before and after `split`)."""
+        bounds = [0, len(x)] if self.guidance_in_one_batch or split is None else [0, split, len(x)]
         outs = [
             self.transformer.run(None, {
-                "latents": xs,
-                "timestep": np.full((len(xs),), t, dtype=np.float32),
-                "encoder_hidden_states": cs,
-                "encoder_attention_mask": ms,
+                "latents": x[a:b],
+                "timestep": t[a:b],
+                "encoder_hidden_states": context[a:b],
+                "encoder_attention_mask": mask[a:b],
                 "pos_embed": pos_embed,
             })[0]
-            for xs, cs, ms in zip(np.split(x, parts), np.split(context, parts), np.split(mask, parts), strict=True)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ]
-        return outs[0] if parts == 1 else np.concatenate(outs)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(B, 4, h, w) final latents -> (B, 3, H, W) images in about [-1, 1].
@@ -360,26 +377,13 @@ class Engine:
         images = [self.vae_decoder.run(None, {"latents": scaled[i : i + 1]})[0] for i in range(len(scaled))]
         return np.concatenate(images)
 
-    @staticmethod
-    def _encode_image(pixels: np.ndarray, fmt: str, index: int) -> GeneratedImage:
-        buf = io.BytesIO()
-        pil_format, options = PIL_FORMATS[fmt]
-        Image.fromarray(pixels).save(buf, format=pil_format, **options)
-        ext = "jpg" if fmt == "jpeg" else fmt
-        return GeneratedImage(pixels=pixels, data=buf.getvalue(), content_type=CONTENT_TYPES[fmt],
-                              file_name=f"image_{index}.{ext}")
 
-
-def _conditioning(jobs: list[_Job], guided: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Text embeddings and masks for the batch ([uncond; cond] when guided) and the per-row guidance scale."""
-    ctx = np.concatenate([j.cond for j in jobs])
-    mask = np.concatenate([j.cond_mask for j in jobs])
-    if not guided:
-        return ctx, mask, None
-    ctx = np.concatenate([*(j.uncond for j in jobs), ctx])
-    mask = np.concatenate([*(j.uncond_mask for j in jobs), mask])
-    scale = np.concatenate([np.full(len(j.latents), j.request.guidance_scale, np.float32) for j in jobs])
-    return ctx, mask, scale
+def encode_image(pixels: np.ndarray, fmt: str, index: int) -> GeneratedImage:
+    content_type, pil_format, options, extension = FORMAT_DETAILS[fmt]
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=pil_format, **options)
+    return GeneratedImage(pixels=pixels, data=buf.getvalue(), content_type=content_type,
+                          file_name=f"image_{index}.{extension}")
 
 
 @lru_cache(maxsize=1024)

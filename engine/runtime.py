@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,9 +29,6 @@ def default_providers() -> tuple[str, ...]:
     built = set(ort.get_available_providers())
     gpu_ok = _cuda_driver_present()
     chosen = tuple(p for p in PREFERENCE if p in built and (p == "CPUExecutionProvider" or gpu_ok))
-    env = os.environ.get("PIXART_PROVIDERS")
-    if env:
-        chosen = tuple(p.strip() for p in env.split(",") if p.strip())
     return chosen or ("CPUExecutionProvider",)
 
 

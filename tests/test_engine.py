@@ -109,27 +109,6 @@ def test_progress_timings_and_cancel(engine):
     assert steps == [1, 2]  # stopped at the next step
 
 
-def test_batched_requests_equal_running_alone(engine):
-    a = GenerationRequest(prompt="a red cube", seed=11, guidance_scale=4.5, **FAST)
-    b = GenerationRequest(prompt="a blue sphere on a table", negative_prompt="dark", seed=12, guidance_scale=7.0,
-                          num_images=2, image_size=(600, 600), num_inference_steps=2, scheduler="DPM-SOLVER")
-    assert engine.batch_key(a) == engine.batch_key(b)
-    together = engine.generate_batch([a, b])
-    for req, res in zip([a, b], together, strict=True):
-        alone = engine.generate(req)
-        np.testing.assert_array_equal(pixels(res), pixels(alone))
-
-
-def test_cancelling_one_request_of_a_batch_leaves_the_other_intact(engine):
-    a = GenerationRequest(prompt="one", seed=1, scheduler="SA-SOLVER", num_inference_steps=3, image_size=(512, 512))
-    b = dataclasses.replace(a, prompt="two", seed=2)
-    steps = []
-    out = engine.generate_batch([a, b], on_step=lambda s, t: steps.append(s), should_cancel=lambda i: i == 0 and
-                                len(steps) >= 1)
-    assert isinstance(out[0], Cancelled)
-    np.testing.assert_array_equal(pixels(out[1]), pixels(engine.generate(b)))
-
-
 def test_styles_change_the_prompt(engine):
     plain = engine.generate(GenerationRequest(prompt="a castle", seed=5, **FAST))
     styled = engine.generate(GenerationRequest(prompt="a castle", seed=5, style="Anime", **FAST))
@@ -228,9 +207,9 @@ def test_safety_checker_flags_and_replaces_images(engine):
             np.testing.assert_array_equal(after, before)
 
 
-def test_an_invalid_request_in_a_batch_fails_alone(engine):
+def test_an_invalid_request_among_many_fails_alone(engine):
     good = GenerationRequest(prompt="a kite", seed=9, num_inference_steps=1, image_size=(512, 512))
     bad = GenerationRequest(prompt="a kite", image_size="huge")
-    out = engine.generate_batch([bad, good])
+    out = engine.generate_many([bad, good])
     assert isinstance(out[0], InvalidRequest) and out[0].field == "image_size"
     np.testing.assert_array_equal(pixels(out[1]), pixels(engine.generate(good)))
