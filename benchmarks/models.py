@@ -25,14 +25,15 @@ from export.default_model import T5_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
 
 CACHE = Path(__file__).parent / ".cache"
 CONFIGS = ("tiny", "small", "full")
-# Pixel side -> (sample_size, interpolation_scale), as diffusers' conversion script maps them (spec §1.1).
+# Pixel side -> (sample_size, interpolation_scale), as diffusers' conversion script maps them
+# (docs/pixart-sigma.md §1.1).
 SIDES = {256: (32, 0.5), 512: (64, 1.0), 1024: (128, 2.0), 2048: (256, 4.0)}
 COMPLETE = ".complete"
 # Building `full` holds the fp32 T5-XXL (19 GB) while it is saved and traced: refuse below this much RAM.
 FULL_MIN_RAM_GIB = 96
 
-# The real widths (spec §1.2-1.4) with few layers: T5's fp32 weights still pass protobuf's 2 GB limit, so the
-# export goes through the external-data path as the real model does.
+# The real widths (docs/pixart-sigma.md §1.2-1.4) with few layers: T5's fp32 weights still pass protobuf's 2 GB
+# limit, so the export goes through the external-data path as the real model does.
 SMALL_TRANSFORMER = {
     **TRANSFORMER_CONFIG,
     "num_attention_heads": 16,
@@ -50,7 +51,7 @@ FULL_T5 = {**SMALL_T5, "num_layers": 24}
 
 
 def configs(config: str) -> tuple[dict, dict, dict]:
-    """(transformer, T5, VAE) configs of `config`, at the 1024² layout."""
+    """(transformer, T5, VAE) configs of `config`; build_checkpoint sets the layout of a side."""
     from export import default_model as dm
 
     if config == "tiny":
@@ -80,7 +81,7 @@ def build_checkpoint(config: str, out_dir: str | Path, *, side: int = 1024, seed
         raise ValueError(f"side {side}: diffusers has bin tables for {', '.join(map(str, SIDES))} only")
     seed = dm.SEED if seed is None else seed
     out = Path(out_dir)
-    if config == "tiny" and side == 1024:
+    if config == "tiny" and side == 256:
         return dm.build_default_model(out, seed=seed)  # the very default model, byte for byte
     if config == "full":
         _check_full_fits()
@@ -91,42 +92,20 @@ def build_checkpoint(config: str, out_dir: str | Path, *, side: int = 1024, seed
 
 
 def _build(out: Path, transformer_cfg: dict, t5_cfg: dict, vae_cfg: dict, seed: int) -> Path:
-    """The default model's recipe (its tokenizer, scheduler and seeded draw order) with other configs."""
-    import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+    from export.default_model import build_checkpoint
 
-    from export import default_model as dm
-    from export.tokenizer import train_t5_tokenizer
-
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(train_t5_tokenizer(dm.CORPUS, out / "tokenizer", seed=seed))
-    t5_cfg = dict(t5_cfg)
-    # The embedding table may be wider than the tokenizer (the real one is 32128 rows for 32100 pieces).
-    t5_cfg["vocab_size"] = max(int(t5_cfg.get("vocab_size", 0)), len(tokenizer))
-    g = torch.Generator().manual_seed(seed)
-    text_encoder = T5EncoderModel(T5Config(**t5_cfg)).eval()
-    dm._randomize(text_encoder, g)
-    transformer = PixArtTransformer2DModel(**transformer_cfg).eval()
-    dm._randomize(transformer, g)
-    vae = AutoencoderKL(**vae_cfg).eval()
-    dm._randomize(vae, g)
-    pipe = PixArtSigmaPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
-        scheduler=DPMSolverMultistepScheduler(**dm.SCHEDULER_CONFIG),
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
+    build_checkpoint(out, transformer_cfg, t5_cfg, vae_cfg, seed)
     (out / "README.md").write_text(f"Random seeded (seed {seed}) PixArt-Σ-architecture checkpoint for benchmarks.\n")
     return out
 
 
-def cache_dir(config: str, side: int) -> Path:
-    return CACHE / f"{config}-{side}"
+def cache_dir(config: str, side: int, root: Path = CACHE) -> Path:
+    return Path(root) / f"{config}-{side}"
 
 
-def cached_checkpoint(config: str, side: int) -> tuple[Path, float | None]:
+def cached_checkpoint(config: str, side: int, root: Path = CACHE) -> tuple[Path, float | None]:
     """The cached checkpoint for (config, side), built now if missing; with the build seconds when built now."""
-    out = cache_dir(config, side) / "checkpoint"
+    out = cache_dir(config, side, root) / "checkpoint"
     if (out / COMPLETE).exists():
         return out, None
     shutil.rmtree(out, ignore_errors=True)  # a half-written one from an interrupted run
@@ -138,7 +117,8 @@ def cached_checkpoint(config: str, side: int) -> tuple[Path, float | None]:
 
 
 def cached_export(
-    config: str, side: int, progress: bool = False, export_options: dict | None = None, rebuild: bool = False
+    config: str, side: int, progress: bool = False, export_options: dict | None = None, rebuild: bool = False,
+    root: Path = CACHE,
 ) -> tuple[Path, Path, dict]:
     """(checkpoint, export folder, info) for (config, side); info holds build and export seconds and whether cached.
 
@@ -148,10 +128,10 @@ def cached_export(
     from export.onnx_export import MANIFEST
 
     export_options = dict(export_options or {})
-    checkpoint, build_seconds = cached_checkpoint(config, side)
+    checkpoint, build_seconds = cached_checkpoint(config, side, root)
     key = json.dumps(export_options, sort_keys=True)
     suffix = f"-{hashlib.sha256(key.encode()).hexdigest()[:8]}" if export_options else ""
-    out = cache_dir(config, side) / f"onnx{suffix}"
+    out = cache_dir(config, side, root) / f"onnx{suffix}"
     cached = (out / MANIFEST).exists() and not rebuild  # the manifest is written last: it means a finished export
     if not cached:
         shutil.rmtree(out, ignore_errors=True)

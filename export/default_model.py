@@ -1,9 +1,10 @@
 """The embedded default model: a tiny, seeded PixArt-Σ-architecture checkpoint in diffusers format, built offline.
 
 Widths are tiny so that everything runs on a laptop CPU in seconds, but the layout is the real one where it changes
-behaviour: `sample_size` 128 with `interpolation_scale` 2 (so the 1024 bin table and the stretched positional embedding
-apply), learned sigma (8 output channels), four VAE blocks (scale factor 8) with the mid-block attention, a gated-GELU
-T5 with relative attention buckets, and PixArt's scheduler config. Every parameter is drawn from one seeded generator,
+behaviour: `sample_size` 32 with `interpolation_scale` 0.5, the layout of PixArt-Σ's 256 checkpoint (so the 256 bin
+table and the stretched positional embedding apply, and a 1024² request computes at 256² and is resized back),
+learned sigma (8 output channels), four VAE blocks (scale factor 8) with the mid-block attention, a gated-GELU T5
+with relative attention buckets, and PixArt's scheduler config. Every parameter is drawn from one seeded generator,
 including those diffusers initialises to zero or one, so that no path is silently inert in a parity test.
 The weights are random: pictures are noise-like. A real checkpoint goes through the same export and engine.
 """
@@ -11,10 +12,8 @@ The weights are random: pictures are noise-like. A real checkpoint goes through 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-CORPUS = Path(__file__).parent / "corpus" / "captions.txt"
 SEED = 20240401
 
 TRANSFORMER_CONFIG = dict(
@@ -25,14 +24,14 @@ TRANSFORMER_CONFIG = dict(
     num_layers=2,
     cross_attention_dim=32,
     attention_bias=True,
-    sample_size=128,
+    sample_size=32,
     patch_size=2,
     activation_fn="gelu-approximate",
     num_embeds_ada_norm=1000,
     norm_type="ada_norm_single",
     norm_elementwise_affine=False,
     norm_eps=1e-6,
-    interpolation_scale=2,
+    interpolation_scale=0.5,
     use_additional_conditions=False,
     caption_channels=48,
 )
@@ -65,7 +64,7 @@ VAE_CONFIG = dict(
     scaling_factor=0.13025,
     force_upcast=False,
 )
-# PixArt-Σ's published scheduler_config.json (spec §1.5), with the defaults it relies on spelled out.
+# PixArt-Σ's published scheduler_config.json (docs/pixart-sigma.md §1.5), with the defaults it relies on spelled out.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_start=0.0001,
@@ -91,49 +90,44 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def _randomize(module, generator) -> None:
-    """Give every parameter seeded values of a sensible scale (zero-initialised ones included)."""
-    import torch
-
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:  # linear / conv / embedding weights and modulation tables: variance-preserving
-                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):  # norm gains
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
-            else:  # biases and tables
-                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
-
-
 def build_default_model(out_dir: str | Path, seed: int = SEED) -> Path:
     """Write the tiny checkpoint to `out_dir` (diffusers layout) and return it. Same seed, same bytes."""
-    import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
-
-    from export.tokenizer import train_t5_tokenizer
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok_dir = train_t5_tokenizer(CORPUS, out / "tokenizer", seed=seed)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-
-    g = torch.Generator().manual_seed(seed)
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5_CONFIG)).eval()
-    _randomize(text_encoder, g)
-    transformer = PixArtTransformer2DModel(**TRANSFORMER_CONFIG).eval()
-    _randomize(transformer, g)
-    vae = AutoencoderKL(**VAE_CONFIG).eval()
-    _randomize(vae, g)
-    scheduler = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
-
-    pipe = PixArtSigmaPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
+    out = build_checkpoint(out_dir, TRANSFORMER_CONFIG, T5_CONFIG, VAE_CONFIG, seed)
     (out / "README.md").write_text(
         f"Tiny PixArt-Σ-architecture checkpoint with random weights (seed {seed}), built by `pixart build-default`.\n"
         "Its images are noise-like; it exists so that every path runs offline.\n"
     )
     (out / "default_model.json").write_text(json.dumps({"seed": seed}, indent=2))
+    return out
+
+
+def build_checkpoint(out_dir: str | Path, transformer_config: dict, t5_config: dict, vae_config: dict,
+                     seed: int = SEED) -> Path:
+    """A seeded random PixArt-Σ-architecture checkpoint with these configs: the default's tokenizer (trained on
+    the shipped corpus), PixArt's scheduler, and every weight drawn in one order from one generator."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    from export.seeded import randomize
+    from export.tokenizer import DEFAULT_CORPUS, train_t5_tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(train_t5_tokenizer(DEFAULT_CORPUS, out / "tokenizer", seed=seed))
+    t5_config = dict(t5_config)
+    # The embedding table may be wider than the tokenizer (the real one is 32128 rows for 32100 pieces).
+    t5_config["vocab_size"] = max(int(t5_config.get("vocab_size", 0)), len(tokenizer))
+    g = torch.Generator().manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(**t5_config)).eval()
+    randomize(text_encoder, g)
+    transformer = PixArtTransformer2DModel(**transformer_config).eval()
+    randomize(transformer, g)
+    vae = AutoencoderKL(**vae_config).eval()
+    randomize(vae, g)
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+        scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
     return out

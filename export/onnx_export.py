@@ -1,9 +1,9 @@
 """Export a diffusers-format PixArt-Σ checkpoint to three ONNX graphs and one manifest.
 
-Design of the positional embedding (spec §5): it is a graph *input* of the transformer, computed on the host by
-`engine.positions.sincos_pos_embed` in float64 exactly as diffusers does, once per size bin. Tracing diffusers'
-PatchEmbed at one size bakes that size's embedding into the graph; an input keeps one graph right at every bin,
-keeps float64 trigonometry out of the graph (TensorRT has none), and costs one cached array per bin.
+Design of the positional embedding (docs/pixart-sigma.md §5): it is a graph *input* of the transformer, computed on
+the host by `engine.positions.sincos_pos_embed` in float64 exactly as diffusers does, once per size bin. Tracing
+diffusers' PatchEmbed at one size bakes that size's embedding into the graph; an input keeps one graph right at
+every bin, keeps float64 trigonometry out of the graph (TensorRT has none), and costs one cached array per bin.
 
 The transformer's forward is re-stated here over diffusers' own submodules (patch projection, AdaLayerNormSingle,
 caption projection, the blocks, the final modulation) so that the graph has no Python branches resolved at trace
@@ -13,27 +13,26 @@ time: the mask stays rank 2 and becomes the −10000 bias inside the graph, and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from engine import manifest as manifest_format
+from engine.manifest import sha256
+from engine.vocabulary import MAX_SEQUENCE_LENGTH
+from export.onnx_io import OPSET, export_graph
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-OPSET = 18
-# Protobuf caps one file at 2 GB: larger graphs keep their weights in a side file.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-MAX_SEQUENCE_LENGTH = 300
-# The 2K transformer repository ships no text encoder, tokenizer or VAE: they come from here (spec §1.1).
+MANIFEST = manifest_format.FILE
+# The 2K transformer repository ships no text encoder, tokenizer or VAE: they come from here
+# (docs/pixart-sigma.md §1.1).
 SIGMA_BASE_COMPONENTS = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
 
 
@@ -111,7 +110,7 @@ def load_components(model: str | Path, base: str | Path | None = None) -> dict:
 def export_text_encoder(text_encoder: nn.Module, path: Path, seq_len: int = 16) -> Path:
     ids = torch.ones(2, seq_len, dtype=torch.int64)
     mask = torch.ones(2, seq_len, dtype=torch.int64)
-    return _export(
+    return export_graph(
         TextEncoderGraph(text_encoder),
         (ids, mask),
         path,
@@ -136,7 +135,7 @@ def export_transformer(transformer: nn.Module, path: Path, latent_hw: tuple[int,
         torch.tensor([[1] * 7, [1] * 3 + [0] * 4], dtype=torch.int64),
         torch.from_numpy(pos),
     )
-    return _export(
+    return export_graph(
         TransformerGraph(transformer),
         args,
         path,
@@ -155,7 +154,7 @@ def export_transformer(transformer: nn.Module, path: Path, latent_hw: tuple[int,
 
 def export_vae_decoder(vae: nn.Module, path: Path, latent_hw: tuple[int, int] = (8, 12)) -> Path:
     latents = torch.randn(1, vae.config.latent_channels, *latent_hw)
-    return _export(
+    return export_graph(
         VaeDecoderGraph(vae),
         (latents,),
         path,
@@ -290,9 +289,9 @@ def build_manifest(
     for f in every_file:
         for p in [f, f.with_name(f.name + ".data")]:
             if p.exists():
-                hashed[p.name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                hashed[p.name] = {"sha256": sha256(p), "bytes": p.stat().st_size}
     return {
-        "format": "pixart-sigma-onnx/1",
+        "format": manifest_format.FORMAT,
         "source_model": str(model),
         "precision": precision,
         "files": {name: f.name for name, f in files.items()},
@@ -323,32 +322,6 @@ def build_manifest(
         },
         "export_seconds": round(seconds, 2),
     }
-
-
-def _export(module: nn.Module, args: tuple, path: Path, *, inputs, outputs, dynamic) -> Path:
-    """Trace `module` to `path`; weights go to one `<name>.data` side file when the graph passes 2 GB."""
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in (path, path.with_name(path.name + ".data")):
-        stale.unlink(missing_ok=True)
-    # The exporter scatters one file per tensor beside a >2 GB graph: trace into a scratch folder, then re-save.
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad(), warnings.catch_warnings():
-        # The tracer warns about every Python branch it freezes; the graphs are checked against torch in tests.
-        warnings.simplefilter("ignore")
-        traced = Path(scratch) / path.name
-        torch.onnx.export(
-            module, args, str(traced), input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
-            opset_version=OPSET, dynamo=False, do_constant_folding=True,
-        )
-        weights = sum(p.numel() * p.element_size() for p in module.parameters())
-        if weights <= EXTERNAL_DATA_THRESHOLD and len(list(Path(scratch).iterdir())) == 1:
-            traced.replace(path)
-        else:
-            proto = onnx.load(str(traced), load_external_data=True)
-            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
-    return path
 
 
 def _has_subfolder(model: str, sub: str) -> bool:
@@ -384,12 +357,3 @@ def _jsonable(d: dict) -> dict:
             v = list(v)
         out[k] = v
     return json.loads(json.dumps(out, default=str))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import onnx
 
+from export.onnx_io import save_model
+
 log = logging.getLogger(__name__)
 
 # Which optimizer pattern set fits which graph: the DiT blocks are BERT-like (LayerNorm, residual adds, tanh GELU),
@@ -24,17 +26,6 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "Layer
 
 def op_counts(path: Path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-
-
-def _save(model: onnx.ModelProto, path: Path, external: bool) -> Path:
-    path.unlink(missing_ok=True)
-    path.with_name(path.name + ".data").unlink(missing_ok=True)
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    return path
 
 
 def fuse(path: Path, out: Path, component: str, num_heads: int, hidden_size: int) -> dict[str, int]:
@@ -49,7 +40,7 @@ def fuse(path: Path, out: Path, component: str, num_heads: int, hidden_size: int
     if not any(o.domain == "com.microsoft" for o in optimized.model.opset_import):
         # the fused nodes live in ONNX Runtime's contrib domain; declare it so other tools can read the graph
         optimized.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    _save(optimized.model, out, external)
+    save_model(optimized.model, out, external)
     counts = Counter(n.op_type for n in optimized.model.graph.node)
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_export import _export
+from export.onnx_io import export_graph
+from export.seeded import randomize
 
 DEFAULT_SEED = 20240521
 FILE = "safety_checker.onnx"
@@ -89,14 +90,12 @@ def build_default_checker(out_dir: Path, seed: int = DEFAULT_SEED) -> Path:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessorPil
 
-    from export.default_model import _randomize
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = CLIPConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=PROJECTION_DIM)
     g = torch.Generator().manual_seed(seed)
     checker = StableDiffusionSafetyChecker(config).eval()
-    _randomize(checker, g)
+    randomize(checker, g)
     # The PIL-backed class explicitly: it is what `CLIPImageProcessor` resolves to without torchvision, and it
     # saves itself as "CLIPImageProcessor", so the folder looks like the real one.
     processor = CLIPImageProcessorPil(
@@ -206,7 +205,7 @@ def export_safety_checker(model: str | Path, out_dir: Path) -> dict:
     image_size = int(checker.config.vision_config.image_size)
     graph = SafetyCheckerGraph(checker).eval()
     batch = {0: "batch"}
-    _export(
+    export_graph(
         graph, (torch.zeros(2, 3, image_size, image_size),), Path(out_dir) / FILE,
         inputs=["clip_input"], outputs=["scores", "special_scores", "has_nsfw_concepts"],
         dynamic={"clip_input": batch, "scores": batch, "special_scores": batch, "has_nsfw_concepts": batch},

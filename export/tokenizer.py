@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from engine.vocabulary import MAX_SEQUENCE_LENGTH
+
 SPIECE_FILE = "spiece.model"
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -28,8 +30,8 @@ DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "captions.txt"
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 NUM_SENTINELS = 100
-# The pipeline always tokenizes to 300; saved as the checkpoint's default length.
-MODEL_MAX_LENGTH = 300
+# The pipeline always tokenizes to this length; saved as the checkpoint's default.
+MODEL_MAX_LENGTH = MAX_SEQUENCE_LENGTH
 
 
 def sentinel_tokens(n: int = NUM_SENTINELS) -> list[str]:
