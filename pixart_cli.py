@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+from engine import vocabulary as v
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -29,16 +32,13 @@ def _infer(args: argparse.Namespace) -> None:
 
     from engine import Engine, GenerationRequest
 
-    engine = Engine.load(args.engine)
-    size = args.image_size
-    if "x" in size:
-        w, h = size.lower().split("x")
-        size = (int(w), int(h))
+    providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
+    engine = Engine.load(args.engine, providers, **({"variant": args.variant} if args.variant else {}))
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         style=args.style,
-        image_size=size,
+        image_size=args.image_size,
         num_inference_steps=args.steps,
         scheduler=args.scheduler,
         guidance_scale=args.guidance_scale,
@@ -85,14 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", required=True, type=Path, help="export folder")
     p.add_argument("--out", default="out.png")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--style", default="(No style)")
-    p.add_argument("--image-size", default="square_hd", help="preset name or WIDTHxHEIGHT")
-    p.add_argument("--steps", type=int, default=35)
-    p.add_argument("--scheduler", default="DPM-SOLVER", choices=["DPM-SOLVER", "SA-SOLVER"])
-    p.add_argument("--guidance-scale", type=float, default=4.5)
+    p.add_argument("--style", default=v.DEFAULT_STYLE, choices=v.STYLE_NAMES)
+    p.add_argument("--image-size", default=v.DEFAULT_IMAGE_SIZE, type=v.parse_image_size,
+                   help=f"{', '.join(v.IMAGE_SIZE_PRESETS)}, or WIDTHxHEIGHT")
+    p.add_argument("--steps", type=int, default=v.DEFAULT_STEPS)
+    p.add_argument("--scheduler", default=v.DEFAULT_SCHEDULER, choices=v.SCHEDULERS)
+    p.add_argument("--guidance-scale", type=float, default=v.DEFAULT_GUIDANCE)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
+    p.add_argument("--format", default=v.DEFAULT_FORMAT, choices=v.OUTPUT_FORMATS)
+    p.add_argument("--variant", default=None, help="graph set of the export: optimized, fp32, int8")
+    p.add_argument("--providers", default=os.environ.get("PIXART_PROVIDERS"),
+                   help="comma-separated ONNX Runtime providers (PIXART_PROVIDERS); default: the best present")
     p.set_defaults(func=_infer)
 
     from benchmarks.bench import register as register_bench
@@ -106,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -26,11 +26,11 @@ from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
 from . import convert
 from . import store as st
 from .auth import ApiKeyInterceptor
+from .batcher import Batcher, ShutdownAbort, WorkItem
 from .guard import DecodeGuard
 from .http import HttpServer, ResultSigner, build_app
 from .metrics import STAGES, Metrics
-from .queue import Job, Scheduler, ShutdownAbort
-from .service import PixArtService, outcome_status
+from .service import PixArtService
 from .webhooks import Delivery, WebhookPolicy, WebhookSender, body_json
 
 log = logging.getLogger("pixart.server")
@@ -51,8 +51,12 @@ class ServerConfig:
     max_queue: int = 64
     max_batch: int = 4
     max_batch_images: int = 4
-    max_wait_ms: float = 10.0
-    store: str = "pixart-store"
+    max_running_images: int | None = None  # memory budget across size groups; default 2 x max_batch_images
+    max_wait_ms: float = 10.0  # request-level batching only: how long a batch waits for companions
+    batching: str = "continuous"  # or "request": a batch forms while idle and runs to its end
+    # Engine.load keywords: variant ("optimized", "fp32", "int8"), intra_op_threads, flagged_images, text_cache_mb
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    store: str = "artifacts/store"
     result_ttl_s: float = 24 * 3600.0
     api_keys: list[str] = field(default_factory=list)
     tls_cert: str | None = None
@@ -74,7 +78,7 @@ class App:
         self.config = config
         self._engine_loader = engine_loader
         self.engine: Any = None
-        self.scheduler: Scheduler | None = None
+        self.batcher: Batcher | None = None
         self.draining = False
         self.metrics = Metrics()
         self.store = st.Store(config.store)
@@ -181,23 +185,25 @@ class App:
             from engine import Engine  # imported here: the server's own modules stay importable without it
 
             self._engine_loader = Engine.load
-        engine = await asyncio.to_thread(self._engine_loader, cfg.engine, cfg.providers)
+        engine = await asyncio.to_thread(self._engine_loader, cfg.engine, cfg.providers, **cfg.engine_options)
         if cfg.warmup:
             await asyncio.to_thread(engine.warmup)
         if self.draining:  # SIGTERM arrived while loading: nothing was scheduled, the store keeps the queue
             return
-        self.scheduler = Scheduler(
+        self.batcher = Batcher(
             engine,
             max_queue=cfg.max_queue,
             max_batch=cfg.max_batch,
             max_batch_images=cfg.max_batch_images,
+            max_running_images=cfg.max_running_images,
             max_wait_s=cfg.max_wait_ms / 1000.0,
+            continuous=cfg.batching == "continuous",
             on_start=self._on_start,
             on_finish=self._on_finish,
             metrics=self.metrics,
         )
         await asyncio.to_thread(self._recover)
-        self.scheduler.start()
+        self.batcher.start()
         self.engine = engine
         for row in await asyncio.to_thread(self.store.pending_webhooks):
             self._schedule_webhook(row.id)
@@ -217,26 +223,25 @@ class App:
                 continue
             msg = pb.GenerateRequest.FromString(row.request)
             request = convert.request_from_proto(msg)
-            job = Job(request, durable=True, request_bytes=row.request, webhook_url=row.webhook_url, id=row.id)
+            job = WorkItem(request, durable=True, request_bytes=row.request, webhook_url=row.webhook_url, id=row.id)
             if row.state == st.IN_PROGRESS:
                 self.store.requeue(row.id)
-            try:
-                self.scheduler.engine.check(request)
-            except InvalidRequest as exc:  # the engine changed under a stored request: it fails, visibly
-                self._on_finish(job, st.FAILED, exc)
+            violations = self.batcher.engine.violations(request)
+            if violations:  # the engine changed under a stored request: it fails, visibly
+                self._on_finish(job, st.FAILED, InvalidRequest(violations))
                 continue
             job.add_log("recovered after a server restart")
-            self.scheduler.submit(job, force=True)
+            self.batcher.submit(job, force=True)
         if rows:
             log.info("recovered durable requests", extra={"count": len(rows)})
 
     # -- the worker thread's callbacks ----------------------------------------------------------------------
-    def _on_start(self, jobs: list[Job]) -> None:
+    def _on_start(self, jobs: list[WorkItem]) -> None:
         for job in jobs:
             if job.durable:
                 self.store.set_running(job.id)
 
-    def _on_finish(self, job: Job, state: str, outcome: BaseException | None = None) -> None:
+    def _on_finish(self, job: WorkItem, state: str, outcome: BaseException | None = None) -> None:
         outcome = outcome if outcome is not None else job.outcome
         if isinstance(outcome, ShutdownAbort) and job.durable:
             return  # left IN_PROGRESS in the store: it runs again at the next start
@@ -253,7 +258,7 @@ class App:
             if job.durable or not job.request.sync_mode:
                 images = [(img.file_name, img.data) for img in outcome.images]
         else:
-            error_bytes = outcome_status(outcome).SerializeToString()
+            error_bytes = convert.outcome_status(outcome).SerializeToString()
         if job.durable or images:
             self.store.finish(
                 job.id,
@@ -334,16 +339,16 @@ class App:
         self.draining = True
         log.info("draining", extra={"grace_s": self.config.grace_s})
         await self.health.enter_graceful_shutdown()
-        if self.scheduler is not None:
-            for job in self.scheduler.stop_accepting():
+        if self.batcher is not None:
+            for job in self.batcher.stop_accepting():
                 if job.durable:
                     continue  # still IN_QUEUE in the store: the next start runs it
-                self.scheduler._complete(job, ShutdownAbort())
-            finished = await asyncio.to_thread(self.scheduler.wait_idle, self.config.grace_s)
+                self.batcher.complete(job, ShutdownAbort())
+            finished = await asyncio.to_thread(self.batcher.wait_idle, self.config.grace_s)
             if not finished:
                 log.warning("grace period over; stopping the running batch")
-                self.scheduler.abort_running()
-                await asyncio.to_thread(self.scheduler.wait_idle, 30.0)
+                self.batcher.abort_running()
+                await asyncio.to_thread(self.batcher.wait_idle, 30.0)
         await self.stop()
 
     async def stop(self) -> None:
@@ -351,8 +356,8 @@ class App:
             await self.server.stop(grace=1.0)
         for task in self._tasks:
             task.cancel()
-        if self.scheduler is not None:
-            await asyncio.to_thread(self.scheduler.join, 5.0)
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.join, 5.0)
         if self._deliveries:  # a few seconds for deliveries under way; the rest resume at the next start
             _, pending = await asyncio.wait(set(self._deliveries), timeout=5.0)
             for task in pending:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
@@ -21,7 +20,7 @@ log = logging.getLogger("pixart.server.auth")
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
-def load_keys(keys: Iterable[str] = (), keys_file: str | None = None, env: str | None = None) -> list[str]:
+def load_keys(keys: Iterable[str] = (), keys_file: str | None = None, env: str = "") -> list[str]:
     """Keys from flags, a file (one a line, # comments) and an env value (comma-separated), de-duplicated."""
     out: list[str] = [k.strip() for k in keys if k.strip()]
     if keys_file:
@@ -29,8 +28,7 @@ def load_keys(keys: Iterable[str] = (), keys_file: str | None = None, env: str |
             line = line.split("#", 1)[0].strip()
             if line:
                 out.append(line)
-    env_value = env if env is not None else os.environ.get("PIXART_API_KEYS", "")
-    out += [k.strip() for k in env_value.split(",") if k.strip()]
+    out += [k.strip() for k in env.split(",") if k.strip()]
     return list(dict.fromkeys(out))
 
 

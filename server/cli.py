@@ -1,8 +1,9 @@
 """`pixart serve` and `pixart generate`: added to the main CLI through register(subparsers).
 
 Every flag of `serve` can also be set from the environment as PIXART_<FLAG> (dashes as underscores, e.g.
---max-queue -> PIXART_MAX_QUEUE); a flag on the command line wins. Until pixart_cli.py wires this in, run
-`python -m server.cli serve ...` / `python -m server.cli generate ...`.
+--max-queue -> PIXART_MAX_QUEUE); a flag on the command line wins. API keys: PIXART_API_KEYS (comma-separated).
+`generate` reads PIXART_ADDRESS and PIXART_API_KEY (or FAL_KEY). This module is the only place that reads the
+environment; the libraries take what it passes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.vocabulary import (
+    FLAGGED_IMAGE_MODES,
+    IMAGE_SIZE_PRESETS,
+    OUTPUT_FORMATS,
+    SCHEDULERS,
+    STYLE_NAMES,
+    parse_image_size,
+)
+
 log = logging.getLogger("pixart.server")
+DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def _env(flag: str, default: Any = None, kind: Any = str) -> Any:
@@ -98,21 +109,44 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=_env("max_queue", 64, int),
         help="requests that may wait; past it RESOURCE_EXHAUSTED",
     )
-    p.add_argument("--max-batch", type=int, default=_env("max_batch", 4, int), help="requests per engine batch")
+    p.add_argument("--max-batch", type=int, default=_env("max_batch", 4, int),
+                   help="requests stepped together (per size bin)")
     p.add_argument(
         "--max-batch-images",
         type=int,
         default=_env("max_batch_images", 4, int),
-        help="images per engine batch (num_images summed)",
+        help="images stepped together per size bin (num_images summed)",
+    )
+    p.add_argument(
+        "--max-running-images",
+        type=int,
+        default=_env("max_running_images", None, int),
+        help="memory budget: images in flight across all size bins (default 2 x --max-batch-images)",
+    )
+    p.add_argument(
+        "--batching",
+        choices=("continuous", "request"),
+        default=_env("batching", "continuous"),
+        help="continuous: requests join and leave running batches at step boundaries; request: a batch forms "
+        "while idle and runs to its end",
     )
     p.add_argument(
         "--max-wait-ms",
         type=float,
         default=_env("max_wait_ms", 10.0, float),
-        help="how long the oldest waiting request may wait for batch companions",
+        help="request-level batching: how long the oldest waiting request may wait for batch companions",
     )
+    p.add_argument("--variant", default=_env("variant"),
+                   help="graph set of the export: optimized (default when present), fp32, int8")
+    p.add_argument("--intra-op-threads", type=int, default=_env("intra_op_threads", 0, int),
+                   help="ONNX Runtime threads per session (0: one per core)")
+    p.add_argument("--flagged-images", choices=FLAGGED_IMAGE_MODES, default=_env("flagged_images", "black"),
+                   help="what the safety checker does to a flagged image")
+    p.add_argument("--text-cache-mb", type=float, default=_env("text_cache_mb", 256.0, float),
+                   help="memory for cached prompt embeddings")
     p.add_argument(
-        "--store", default=_env("store", "pixart-store"), help="folder of the durable queue (SQLite) and stored results"
+        "--store", default=_env("store", "artifacts/store"),
+        help="folder of the durable queue (SQLite), stored results and the server's signing keys",
     )
     p.add_argument(
         "--result-ttl",
@@ -168,10 +202,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         max_batch_images=args.max_batch_images,
+        max_running_images=args.max_running_images,
+        batching=args.batching,
         max_wait_ms=args.max_wait_ms,
+        engine_options={k: v for k, v in {
+            "variant": args.variant, "intra_op_threads": args.intra_op_threads,
+            "flagged_images": args.flagged_images, "text_cache_mb": args.text_cache_mb}.items() if v is not None},
         store=args.store,
         result_ttl_s=args.result_ttl,
-        api_keys=load_keys(args.api_key, args.api_keys_file),
+        api_keys=load_keys(args.api_key, args.api_keys_file, os.environ.get("PIXART_API_KEYS", "")),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         grace_s=args.grace,
@@ -209,32 +248,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
-    p.add_argument("--address", default=None, help="server host:port (PIXART_ADDRESS; default 127.0.0.1:50051)")
-    p.add_argument("--key", default=None, help="API key (PIXART_API_KEY)")
+    p.add_argument("--address", default=os.environ.get("PIXART_ADDRESS") or DEFAULT_ADDRESS,
+                   help="server host:port (PIXART_ADDRESS)")
+    p.add_argument("--key", default=os.environ.get("PIXART_API_KEY") or os.environ.get("FAL_KEY"),
+                   help="API key (PIXART_API_KEY, or FAL_KEY)")
     p.add_argument("--tls", action="store_true", default=_env("tls", False, bool), help="connect with TLS")
     p.add_argument("--ca", default=_env("ca"), help="PEM root certificates for TLS")
     p.add_argument("--negative-prompt")
-    p.add_argument("--style")
-    p.add_argument("--image-size", help="a preset (square_hd, square, ...) or WIDTHxHEIGHT")
+    p.add_argument("--style", choices=STYLE_NAMES)
+    p.add_argument("--image-size", type=parse_image_size, help=f"{', '.join(IMAGE_SIZE_PRESETS)}, or WIDTHxHEIGHT")
     p.add_argument("--steps", type=int, dest="num_inference_steps")
-    p.add_argument("--scheduler", choices=("DPM-SOLVER", "SA-SOLVER"))
+    p.add_argument("--scheduler", choices=SCHEDULERS)
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--num-images", type=int)
     p.add_argument("--safety-checker", action="store_true", default=None, dest="enable_safety_checker")
-    p.add_argument("--format", choices=("png", "jpeg", "webp"), dest="output_format")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, dest="output_format")
     p.add_argument("--out", default="out.png", help="output file; with several images, -1, -2... are inserted")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _image_size(text: str | None) -> Any:
-    if not text:
-        return None
-    if "x" in text and text.replace("x", "").isdigit():
-        w, h = text.split("x")
-        return (int(w), int(h))
-    return text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -256,7 +288,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "output_format",
         )
     }
-    fields["image_size"] = _image_size(args.image_size)
+    fields["image_size"] = args.image_size
     bar = None
     try:
         with Client(args.address, args.key, tls=args.tls or None, root_certificates=args.ca) as client:

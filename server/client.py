@@ -3,14 +3,13 @@ generate, stream, submit, status, result, cancel and subscribe(on_update=...).
 
 Requests can be given as a pixart.v1.GenerateRequest or as keyword fields with the public API's spellings
 (`image_size="square"` or `(640, 480)`, `style="Anime"`, `scheduler="SA-SOLVER"`, `output_format="jpeg"`).
-The address and key default to PIXART_ADDRESS and PIXART_API_KEY (FAL_KEY is accepted as a fallback).
+The address defaults to 127.0.0.1:50051; `key` is sent as `authorization: Key <key>` metadata when given.
 Errors are raised as PixArtError, which carries the status code and BadRequest field violations.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
 from . import convert
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # the server's send limit: 8 PNGs at 2048² fit
 TERMINAL_STATES = (pb.COMPLETED, pb.FAILED, pb.CANCELED)
 
 
@@ -85,8 +84,7 @@ def make_request(prompt: str | pb.GenerateRequest | None = None, **fields: Any) 
 def _channel_args(
     address: str | None, key: str | None, tls: bool | None, root_certificates: str | bytes | None
 ) -> tuple[str, list[tuple[str, str]], grpc.ChannelCredentials | None, list]:
-    address = address or os.environ.get("PIXART_ADDRESS") or DEFAULT_ADDRESS
-    key = key if key is not None else os.environ.get("PIXART_API_KEY") or os.environ.get("FAL_KEY")
+    address = address or DEFAULT_ADDRESS
     metadata = [("authorization", f"Key {key}")] if key else []
     if isinstance(root_certificates, str):
         root_certificates = Path(root_certificates).read_bytes()

@@ -8,48 +8,32 @@ into something GenerationRequest.violations() refuses with the right field name,
 from __future__ import annotations
 
 import base64
+import re
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from engine.request import GenerationRequest, GenerationResult, InvalidRequest
+from engine import vocabulary
+from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
 
-# proto enum value -> the public API's spelling; UNSPECIFIED means the documented default.
-STYLES: dict[int, str] = {
-    pb.STYLE_UNSPECIFIED: "(No style)",
-    pb.STYLE_NO_STYLE: "(No style)",
-    pb.STYLE_CINEMATIC: "Cinematic",
-    pb.STYLE_PHOTOGRAPHIC: "Photographic",
-    pb.STYLE_ANIME: "Anime",
-    pb.STYLE_MANGA: "Manga",
-    pb.STYLE_DIGITAL_ART: "Digital Art",
-    pb.STYLE_PIXEL_ART: "Pixel art",
-    pb.STYLE_FANTASY_ART: "Fantasy art",
-    pb.STYLE_NEONPUNK: "Neonpunk",
-    pb.STYLE_3D_MODEL: "3D Model",
-}
-IMAGE_SIZES: dict[int, str] = {
-    pb.IMAGE_SIZE_PRESET_UNSPECIFIED: "square_hd",
-    pb.SQUARE_HD: "square_hd",
-    pb.SQUARE: "square",
-    pb.PORTRAIT_4_3: "portrait_4_3",
-    pb.PORTRAIT_16_9: "portrait_16_9",
-    pb.LANDSCAPE_4_3: "landscape_4_3",
-    pb.LANDSCAPE_16_9: "landscape_16_9",
-}
-SCHEDULERS: dict[int, str] = {
-    pb.SCHEDULER_UNSPECIFIED: "DPM-SOLVER",
-    pb.DPM_SOLVER: "DPM-SOLVER",
-    pb.SA_SOLVER: "SA-SOLVER",
-}
-OUTPUT_FORMATS: dict[int, str] = {
-    pb.OUTPUT_FORMAT_UNSPECIFIED: "png",
-    pb.PNG: "png",
-    pb.JPEG: "jpeg",
-    pb.WEBP: "webp",
-}
+from .batcher import DeadlineExceeded, ShutdownAbort
+
+
+def _proto_table(enum, prefix: str, names, default: str) -> dict[int, str]:
+    """proto enum number -> the public API's spelling, derived from the names: "Digital Art" is STYLE_DIGITAL_ART,
+    "DPM-SOLVER" is DPM_SOLVER. UNSPECIFIED (0) means the documented default."""
+    table = {0: default}
+    for name in names:
+        table[enum.Value(prefix + re.sub(r"[^A-Z0-9]+", "_", name.upper()).strip("_"))] = name
+    return table
+
+
+STYLES = _proto_table(pb.Style, "STYLE_", vocabulary.STYLE_NAMES, vocabulary.DEFAULT_STYLE)
+IMAGE_SIZES = _proto_table(pb.ImageSizePreset, "", vocabulary.IMAGE_SIZE_PRESETS, vocabulary.DEFAULT_IMAGE_SIZE)
+SCHEDULERS = _proto_table(pb.Scheduler, "", vocabulary.SCHEDULERS, vocabulary.DEFAULT_SCHEDULER)
+OUTPUT_FORMATS = _proto_table(pb.OutputFormat, "", vocabulary.OUTPUT_FORMATS, vocabulary.DEFAULT_FORMAT)
 
 
 def _reverse(table: dict[int, str]) -> dict[str, int]:
@@ -218,3 +202,14 @@ def result_to_json(msg: pb.GenerateResult) -> dict:
         "has_nsfw_concepts": list(msg.has_nsfw_concepts),
         "timings": {f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields},
     }
+
+
+def outcome_status(outcome: BaseException) -> status_pb2.Status:
+    """How a job that did not complete is reported: the same google.rpc.Status for every way of calling."""
+    if isinstance(outcome, DeadlineExceeded):
+        return error_status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; the work was stopped")
+    if isinstance(outcome, ShutdownAbort):
+        return error_status(grpc.StatusCode.UNAVAILABLE, "the server shut down before the request ended")
+    if isinstance(outcome, Cancelled):
+        return error_status(grpc.StatusCode.CANCELLED, "cancelled")
+    return status_from_exception(outcome)

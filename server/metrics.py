@@ -22,7 +22,8 @@ class Metrics:
             "pixart_stage_seconds", "Engine time per stage and request", ["stage"], buckets=_TIME_BUCKETS, registry=r
         )
         self.batch_size = Histogram(
-            "pixart_batch_size", "Requests per engine batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r
+            "pixart_batch_size", "Requests stepped together, one observation per denoising step",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r
         )
         self.queue_depth = Gauge("pixart_queue_depth", "Requests waiting for the engine", registry=r)
         self.images = Counter("pixart_images_generated", "Images generated", registry=r)

@@ -11,39 +11,29 @@ import contextvars
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.rpc import status_pb2
 
-from engine.request import Cancelled, GenerationRequest, GenerationResult
+from engine.request import GenerationRequest, GenerationResult
 from protos.pixart.v1 import pixart_pb2 as pb
 from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
 
 from . import convert
 from . import store as st
-from .queue import DeadlineExceeded, Draining, Job, QueueFull, ShutdownAbort
+from .batcher import Draining, QueueFull, WorkItem
 
 if TYPE_CHECKING:
     from .app import App
 
 log = logging.getLogger("pixart.server.service")
+SHUTTING_DOWN = "the server is shutting down; retry elsewhere"
 NOT_FOUND_MESSAGE = "no such request (unknown, or expired after --result-ttl)"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # the final status code of the call being served, for the requests metric (each call runs in its own task)
 _call_code: contextvars.ContextVar[list[str]] = contextvars.ContextVar("_call_code")
-
-
-def outcome_status(outcome: BaseException) -> status_pb2.Status:
-    """How a job that did not complete is reported: the same google.rpc.Status for every way of calling."""
-    if isinstance(outcome, DeadlineExceeded):
-        return convert.error_status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; the work was stopped")
-    if isinstance(outcome, ShutdownAbort):
-        return convert.error_status(grpc.StatusCode.UNAVAILABLE, "the server shut down before the request ended")
-    if isinstance(outcome, Cancelled):
-        return convert.error_status(grpc.StatusCode.CANCELLED, "cancelled")
-    return convert.status_from_exception(outcome)
 
 
 async def abort_with(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
@@ -111,14 +101,14 @@ class PixArtService(pb_grpc.PixArtServicer):
     # -- shared steps ---------------------------------------------------------------------------------------
     async def _accept(
         self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext, webhook_url: str = ""
-    ) -> tuple[GenerationRequest, tuple]:
+    ) -> GenerationRequest:
         """Refuse a call the server cannot take now, or a request with any bad field (all of them named).
 
-        Returns the request and its batch key. The key cleans and tokenizes the prompts, which is CPU work on up
-        to 20,000 characters: it runs in a worker thread so that the event loop (health included) never waits.
+        Only cheap checks run here: cleaning and tokenizing the prompts (up to 20,000 characters) happen in the
+        engine's `prepare`, on the worker thread, so the event loop (health included) never waits on text.
         """
         if self.app.draining:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         if self.app.engine is None:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the engine is still loading; retry shortly")
         request = convert.request_from_proto(msg)
@@ -126,7 +116,7 @@ class PixArtService(pb_grpc.PixArtServicer):
         if violations:
             log.info("refused", extra={"violations": [f"{f}: {rule}" for f, rule in violations]})
             await abort_with(context, convert.bad_request_status(violations))
-        return request, await asyncio.to_thread(self.app.engine.batch_key, request)
+        return request
 
     @staticmethod
     async def _request_id(request_id: str, context: grpc.aio.ServicerContext) -> str:
@@ -136,25 +126,26 @@ class PixArtService(pb_grpc.PixArtServicer):
                 [("request_id", "must be a request id as Submit returns it (32 lowercase hexadecimal digits)")]))
         return request_id
 
-    async def _enqueue(self, job: Job, context: grpc.aio.ServicerContext) -> int:
+    async def _enqueue(self, job: WorkItem, context: grpc.aio.ServicerContext,
+                       on_refused: Callable[[], Awaitable[None]] | None = None) -> int:
+        """Queue the job and return its position, or end the call: queue full, or shutting down."""
         try:
-            return self.app.scheduler.submit(job)
-        except QueueFull:
-            await abort(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the queue is full ({self.app.config.max_queue} waiting); retry later",
-            )
-        except Draining:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+            return self.app.batcher.submit(job)
+        except (QueueFull, Draining) as exc:
+            if on_refused is not None:
+                await on_refused()
+            if isinstance(exc, QueueFull):
+                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the queue is full ({self.app.config.max_queue} waiting); retry later")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _listen(job: Job) -> asyncio.Queue:
+    def _listen(job: WorkItem) -> asyncio.Queue:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def listener(_job: Job, event: tuple) -> None:
+        def listener(_job: WorkItem, event: tuple) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         job.listeners.append(listener)
@@ -165,7 +156,7 @@ class PixArtService(pb_grpc.PixArtServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    def _result(self, job: Job) -> pb.GenerateResult:
+    def _result(self, job: WorkItem) -> pb.GenerateResult:
         assert isinstance(job.outcome, GenerationResult)
         sync = job.request.sync_mode
         urls = None if sync else [self.app.result_url(job.id, img.file_name) for img in job.outcome.images]
@@ -174,8 +165,8 @@ class PixArtService(pb_grpc.PixArtServicer):
     # -- unary and streaming --------------------------------------------------------------------------------
     @_observed
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
-        req, key = await self._accept(request, context)
-        job = Job(req, deadline=self._deadline(context), key=key)
+        req = await self._accept(request, context)
+        job = WorkItem(req, deadline=self._deadline(context))
         events = self._listen(job)
         await self._enqueue(job, context)
         log.info("accepted", extra={"request_id": job.id, "method": "Generate"})
@@ -183,18 +174,18 @@ class PixArtService(pb_grpc.PixArtServicer):
             while (await events.get())[0] != "done":
                 pass
         except asyncio.CancelledError:  # the caller cancelled or its deadline passed: free the place or the step
-            self.app.scheduler.cancel(job.id)
+            self.app.batcher.cancel(job.id)
             raise
         if not isinstance(job.outcome, GenerationResult):
-            await abort_with(context, outcome_status(job.outcome))
+            await abort_with(context, convert.outcome_status(job.outcome))
         return self._result(job)
 
     @_observed
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        req, key = await self._accept(request, context)
-        job = Job(req, deadline=self._deadline(context), key=key)
+        req = await self._accept(request, context)
+        job = WorkItem(req, deadline=self._deadline(context))
         events = self._listen(job)
         position = await self._enqueue(job, context)
         log.info("accepted", extra={"request_id": job.id, "method": "GenerateStream"})
@@ -212,12 +203,12 @@ class PixArtService(pb_grpc.PixArtServicer):
                 elif kind == "done":
                     break
         except asyncio.CancelledError:
-            self.app.scheduler.cancel(job.id)
+            self.app.batcher.cancel(job.id)
             raise
         if isinstance(job.outcome, GenerationResult):
             yield pb.GenerateEvent(request_id=job.id, result=self._result(job))
         else:
-            status = outcome_status(job.outcome)
+            status = convert.outcome_status(job.outcome)
             yield pb.GenerateEvent(request_id=job.id, error=status)
             # the call itself ends with the same status, so that a caller who only looks at the status sees it
             _call_code.get()[0] = convert.grpc_code(status).name
@@ -227,30 +218,24 @@ class PixArtService(pb_grpc.PixArtServicer):
     # -- the durable queue ----------------------------------------------------------------------------------
     @_observed
     async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
-        req, key = await self._accept(request.request, context, request.webhook_url)
-        job = Job(req, durable=True, request_bytes=request.request.SerializeToString(),
-                  webhook_url=request.webhook_url, key=key)
+        req = await self._accept(request.request, context, request.webhook_url)
+        job = WorkItem(req, durable=True, request_bytes=request.request.SerializeToString(),
+                  webhook_url=request.webhook_url)
         # stored before it can be scheduled (the worker marks the row running) and before the id is returned
         await asyncio.to_thread(self.app.store.add, job.id, job.request_bytes, job.webhook_url)
-        try:
-            position = self.app.scheduler.submit(job)
-        except (QueueFull, Draining) as exc:
-            await asyncio.to_thread(self.app.store.delete, job.id)
-            if isinstance(exc, QueueFull):
-                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"the queue is full ({self.app.config.max_queue} waiting); retry later")
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+        position = await self._enqueue(job, context,
+                                       on_refused=lambda: asyncio.to_thread(self.app.store.delete, job.id))
         log.info("accepted", extra={"request_id": job.id, "method": "Submit"})
         return pb.SubmitResponse(request_id=job.id, queue_position=position)
 
     @_observed
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         rid = await self._request_id(request.request_id, context)
-        job = self.app.scheduler.jobs.get(rid) if self.app.scheduler else None
+        job = self.app.batcher.items.get(rid) if self.app.batcher else None
         if job is not None and job.state in (st.IN_QUEUE, st.IN_PROGRESS):
             out = pb.StatusResponse(request_id=job.id, state=pb.RequestState.Value(job.state))
             if job.state == st.IN_QUEUE:
-                out.queue_position = self.app.scheduler.position(job) or 0
+                out.queue_position = self.app.batcher.position(job) or 0
             else:
                 out.progress.step, out.progress.total_steps = job.progress
             if request.logs:
@@ -271,7 +256,7 @@ class PixArtService(pb_grpc.PixArtServicer):
     @_observed
     async def Result(self, request: pb.RequestRef, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
         rid = await self._request_id(request.request_id, context)
-        job = self.app.scheduler.jobs.get(rid) if self.app.scheduler else None
+        job = self.app.batcher.items.get(rid) if self.app.batcher else None
         row = None
         if job is None or job.state not in (st.IN_QUEUE, st.IN_PROGRESS):
             row = await asyncio.to_thread(self.app.store.get, rid)
@@ -288,11 +273,11 @@ class PixArtService(pb_grpc.PixArtServicer):
     @_observed
     async def Cancel(self, request: pb.RequestRef, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         rid = await self._request_id(request.request_id, context)
-        job = self.app.scheduler.jobs.get(rid) if self.app.scheduler else None
+        job = self.app.batcher.items.get(rid) if self.app.batcher else None
         if job is not None and job.durable:
             # committed before the answer: a crash after "cancellation requested" must not run it again
             await asyncio.to_thread(self.app.store.request_cancel, rid)
-        outcome = self.app.scheduler.cancel(rid) if self.app.scheduler else None
+        outcome = self.app.batcher.cancel(rid) if self.app.batcher else None
         if outcome == "queued":
             return pb.CancelResponse(request_id=rid, outcome=pb.CANCELLED_WHILE_QUEUED, state=pb.CANCELED)
         if outcome == "running":

@@ -22,8 +22,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELED"
-TERMINAL = (COMPLETED, FAILED, CANCELED)
+from .states import TERMINAL, State
+
+IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELED = (State.IN_QUEUE.value, State.IN_PROGRESS.value,
+                                                      State.COMPLETED.value, State.FAILED.value, State.CANCELED.value)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (

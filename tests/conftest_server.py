@@ -3,7 +3,7 @@
 The engine export is built once per test session (`pixart export --out DIR`), or taken from PIXART_TEST_EXPORT
 when that names an existing export folder, so that a developer can skip the build. Servers are real: gRPC on
 loopback port 0, either in this process (on an event loop in a background thread, so tests can also look at
-the scheduler) or as `python -m server.cli serve` subprocesses for SIGTERM and kill -9.
+the batcher) or as `python -m server.cli serve` subprocesses for SIGTERM and kill -9.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
         self.thread.start()
-        loader = (lambda _d, _p: engine) if engine is not None else (lambda _d, _p: shared_engine())
+        loader = (lambda _d, _p, **_o: engine) if engine is not None else (lambda _d, _p, **_o: shared_engine())
         self.app: App = self.run(self._make(cfg, loader))
         if load:
             self.run(self.app.load_engine())
@@ -109,7 +109,7 @@ class ServerThread:
         """Until nothing is queued or running (cancelled work has stopped)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            s = self.app.scheduler
+            s = self.app.batcher
             if s is None or (not s.pending and not s.running):
                 return
             time.sleep(0.02)

@@ -37,7 +37,7 @@ from server.client import AsyncClient, Client, PixArtError
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 CHEAP = dict(num_inference_steps=2, image_size=(256, 256))
-SLOW = dict(num_inference_steps=100, image_size=(256, 256))  # long enough to act while it runs
+SLOW = dict(num_inference_steps=100, image_size=(256, 256), num_images=8)  # ~7 s: acted on while it runs
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -222,14 +222,18 @@ def test_bad_requests_are_counted_in_metrics(server, client) -> None:
                     code="INVALID_ARGUMENT")
     with pytest.raises(PixArtError):
         client.generate("", **CHEAP)
-    after = metric(metrics_text(server.http_port), "pixart_requests_total", method="Generate",
-                   code="INVALID_ARGUMENT")
-    assert after == before + 1
+
+    def counted() -> float:  # the count lands as the call ends, possibly just after the client has its answer
+        return metric(metrics_text(server.http_port), "pixart_requests_total", method="Generate",
+                      code="INVALID_ARGUMENT")
+
+    wait_for(lambda: counted() >= before + 1, 5)
+    assert counted() == before + 1
 
 
 # -- queue, cancellation, deadlines ------------------------------------------------------------------------------
 def test_queue_full_and_cancel_queued_and_running(tmp_path) -> None:
-    srv = ServerThread(config(tmp_path / "store", max_queue=1, max_wait_ms=0))
+    srv = ServerThread(config(tmp_path / "store", max_queue=1, max_batch=1))  # no room to join: "next" waits
     try:
         with Client(srv.address, timeout=60) as c:
             running = c.submit("long", **SLOW)
@@ -264,9 +268,9 @@ def test_client_cancel_of_a_stream_stops_the_work(server, client) -> None:
     server.wait_idle()
     before = metric(metrics_text(server.http_port), "pixart_request_outcomes_total", state="CANCELED")
     with grpc.insecure_channel(server.address) as ch:
-        call = pb_grpc.PixArtStub(ch).GenerateStream(pb.GenerateRequest(prompt="long", num_inference_steps=100,
-                                                                         image_size_custom=pb.ImageSize(width=256,
-                                                                                                        height=256)))
+        call = pb_grpc.PixArtStub(ch).GenerateStream(pb.GenerateRequest(
+            prompt="long", num_inference_steps=100, num_images=8,
+            image_size_custom=pb.ImageSize(width=256, height=256)))
         for event in call:
             if event.HasField("progress"):
                 break
@@ -305,10 +309,12 @@ def test_batching_batches_and_gives_the_same_pixels(server) -> None:
         batched = list(pool.map(call, range(4)))
     text = metrics_text(server.http_port)
     count1, sum1 = metric(text, "pixart_batch_size_count"), metric(text, "pixart_batch_size_sum")
-    assert sum1 - sum0 == 4 and count1 - count0 < 4, "some of the four requests shared an engine batch"
+    steps = 4 * CHEAP["num_inference_steps"]  # request-steps run: each observation is one step's requests
+    assert sum1 - sum0 == steps and count1 - count0 < steps, "some of the four requests shared an engine step"
     with Client(server.address, timeout=120) as c:
         alone = [c.generate(prompts[i], seed=100 + i, **CHEAP).images[0].file_data for i in range(4)]
-    assert all((_pixels(a) == _pixels(b)).all() for a, b in zip(batched, alone, strict=True))
+    for a, b in zip(batched, alone, strict=True):
+        assert np.abs(_pixels(a).astype(int) - _pixels(b).astype(int)).max() <= 1
 
 
 def test_32_concurrent_clients(server) -> None:
@@ -424,7 +430,7 @@ def test_health_not_serving_while_draining(tmp_path) -> None:
     srv = ServerThread(config(tmp_path / "store", grace_s=30))
     try:
         with Client(srv.address, timeout=60) as c:
-            rid = c.submit("long", num_inference_steps=12, image_size=(256, 256))
+            rid = c.submit("long", **SLOW)
             wait_for(lambda: c.status(rid).state == pb.IN_PROGRESS)
             fut = asyncio_run_in(srv, srv.app.drain())
             wait_for(lambda: srv.app.draining)

@@ -31,7 +31,8 @@ def test_sigterm_while_busy_loses_nothing(tmp_path) -> None:
     srv = ServerProcess(store, "--grace", "60", "--max-batch", "1")
     try:
         with Client(srv.address, timeout=30) as c:
-            running = c.submit("running at SIGTERM", seed=1, num_inference_steps=8, image_size=(256, 256))
+            running = c.submit("running at SIGTERM", seed=1, num_inference_steps=100, num_images=4,
+                               image_size=(256, 256))
             wait_for(lambda: c.status(running).state == pb.IN_PROGRESS)
             queued = [c.submit(f"queued {i}", seed=10 + i, **CHEAP) for i in range(2)]
             assert all(c.status(q).state == pb.IN_QUEUE for q in queued)
@@ -71,7 +72,8 @@ def test_kill_9_and_restart_keeps_the_queue(tmp_path) -> None:
         with Client(srv.address, timeout=30) as c:
             done = c.submit("done before the crash", seed=5, **CHEAP)
             wait_for(lambda: c.status(done).state == pb.COMPLETED)
-            running = c.submit("running at the crash", seed=6, num_inference_steps=12, image_size=(256, 256))
+            running = c.submit("running at the crash", seed=6, num_inference_steps=100, num_images=8,
+                               image_size=(256, 256))
             wait_for(lambda: c.status(running).state == pb.IN_PROGRESS)
             queued = [c.submit(f"queued {i}", seed=20 + i, **CHEAP) for i in range(2)]
             canceled = c.submit("cancelled before the crash", **CHEAP)
