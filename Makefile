@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARTIFACTS ?= artifacts
 MODEL := $(ARTIFACTS)/default
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-fast lint bench clean
 
 $(BIN)/pixart: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ run: install $(MODEL)/manifest.json
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the slow tests (servers on loopback, processes, the `small` config).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

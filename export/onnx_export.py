@@ -133,7 +133,7 @@ def export_transformer(transformer: nn.Module, path: Path, latent_hw: tuple[int,
         torch.tensor([999.0, 500.0]),
         torch.randn(2, 7, cfg.caption_channels),
         torch.tensor([[1] * 7, [1] * 3 + [0] * 4], dtype=torch.int64),
-        torch.from_numpy(pos),
+        torch.from_numpy(pos.copy()),  # the cached array is read-only
     )
     return export_graph(
         TransformerGraph(transformer),

@@ -26,7 +26,7 @@ from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
 from . import convert
 from . import store as st
 from .auth import ApiKeyInterceptor
-from .batcher import Batcher, ShutdownAbort, WorkItem
+from .batcher import Batcher, Engine, ShutdownAbort, WorkItem
 from .guard import DecodeGuard
 from .http import HttpServer, ResultSigner, build_app
 from .metrics import STAGES, Metrics
@@ -51,7 +51,7 @@ class ServerConfig:
     max_queue: int = 64
     max_batch: int = 4
     max_batch_images: int = 4
-    max_running_images: int | None = None  # memory budget across size groups; default 2 x max_batch_images
+    max_running_images: int | None = None  # memory budget across size groups; default max_batch_images
     max_wait_ms: float = 10.0  # request-level batching only: how long a batch waits for companions
     batching: str = "continuous"  # or "request": a batch forms while idle and runs to its end
     # Engine.load keywords: variant ("optimized", "fp32", "int8"), intra_op_threads, flagged_images, text_cache_mb
@@ -77,7 +77,7 @@ class App:
     def __init__(self, config: ServerConfig, engine_loader: Any = None):
         self.config = config
         self._engine_loader = engine_loader
-        self.engine: Any = None
+        self.engine: Engine | None = None
         self.batcher: Batcher | None = None
         self.draining = False
         self.metrics = Metrics()
@@ -202,7 +202,7 @@ class App:
             on_finish=self._on_finish,
             metrics=self.metrics,
         )
-        await asyncio.to_thread(self._recover)
+        await asyncio.to_thread(self._recover, engine)
         self.batcher.start()
         self.engine = engine
         for row in await asyncio.to_thread(self.store.pending_webhooks):
@@ -214,7 +214,7 @@ class App:
         if cfg.port_file:
             Path(cfg.port_file).write_text(json.dumps({"port": self.port, "http_port": self.http_port}))
 
-    def _recover(self) -> None:
+    def _recover(self, engine: Engine) -> None:
         """Put the durable requests that were queued or running at the last stop back in the queue, in order."""
         rows = self.store.unfinished()
         for row in rows:
@@ -226,7 +226,7 @@ class App:
             job = WorkItem(request, durable=True, request_bytes=row.request, webhook_url=row.webhook_url, id=row.id)
             if row.state == st.IN_PROGRESS:
                 self.store.requeue(row.id)
-            violations = self.batcher.engine.violations(request)
+            violations = engine.violations(request)
             if violations:  # the engine changed under a stored request: it fails, visibly
                 self._on_finish(job, st.FAILED, InvalidRequest(violations))
                 continue

@@ -152,7 +152,7 @@ class Batcher:
     ):
         self.engine = engine
         self.max_queue, self.max_batch, self.max_batch_images = max_queue, max_batch, max_batch_images
-        self.max_running_images = max_running_images or 2 * max_batch_images
+        self.max_running_images = max_running_images or max_batch_images
         self.max_wait_s, self.continuous = max_wait_s, continuous
         self.on_start, self.on_finish, self.metrics = on_start, on_finish, metrics
         self.pending: list[WorkItem] = []

@@ -121,7 +121,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--max-running-images",
         type=int,
         default=_env("max_running_images", None, int),
-        help="memory budget: images in flight across all size bins (default 2 x --max-batch-images)",
+        help="memory budget: images in flight across all size bins (default --max-batch-images)",
     )
     p.add_argument(
         "--batching",
