@@ -26,13 +26,15 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from PIL import Image
 
+from engine.binding import BoundSession
 from engine.manifest import Manifest
 from engine.positions import sincos_pos_embed
 from engine.request import Cancelled, GeneratedImage, GenerationRequest, GenerationResult, InvalidRequest
 from engine.resolution import classify_bin, resize_and_crop, to_uint8
-from engine.runtime import create_session
+from engine.runtime import Acceleration, create_session, device_of, shape_profiles
 from engine.safety import SafetyChecker
 from engine.schedulers import Scheduler, make_scheduler
 from engine.text import T5Tokenizer, apply_style, preprocess
@@ -101,31 +103,58 @@ class Engine:
         guidance_in_one_batch: bool = True,
         flagged_images: str = "black",
         verify_files: bool = False,
+        io_binding: bool | None = None,
+        acceleration: Acceleration | None = None,
+        max_rows: int = 8,
     ):
+        """`io_binding`: keep the transformer's inputs and output in device buffers between steps (default: on
+        when it runs on a GPU). `acceleration`: GPU provider settings (device, CUDA graphs, TensorRT fp16 and
+        caches). `max_rows`: the most transformer rows a step will see (guided images count twice), which sizes
+        TensorRT's optimization profiles."""
         if flagged_images not in FLAGGED_IMAGE_MODES:
             raise ValueError(f"flagged_images: one of {FLAGGED_IMAGE_MODES}, not {flagged_images!r}")
         self.manifest = Manifest.load(export_dir, verify=verify_files)
         self.path = self.manifest.folder
         self.variant, files = self.manifest.files(variant)
-        self.text_encoder = create_session(files["text_encoder"], providers, intra_op_threads)
-        self.transformer = create_session(files["transformer"], providers, intra_op_threads)
+        tr = self.manifest["transformer"]
+        self.bins = self.manifest["aspect_ratio_bins"]
+        self.patch_size = int(tr["config"]["patch_size"])
+        self.latent_channels = int(tr["config"]["in_channels"])
+        self.out_channels = int(tr["config"].get("out_channels") or 2 * self.latent_channels)
+        self.inner_dim = int(tr["inner_dim"])
+        self.vae_scale = int(self.manifest["vae"]["scale_factor"])
+        self.max_sequence_length = int(self.manifest["text_encoder"]["max_sequence_length"])
+        acceleration = acceleration or Acceleration(cache_dir=self.path / "trt-cache")
+        profiles = shape_profiles(
+            self.bins, max_rows=max_rows, latent_channels=self.latent_channels, vae_scale=self.vae_scale,
+            patch_size=self.patch_size, inner_dim=self.inner_dim,
+            caption_channels=int(tr["config"]["caption_channels"]), max_text=self.max_sequence_length,
+        )
+
+        def session(component: str, **kw) -> ort.InferenceSession:
+            return create_session(files[component], providers, intra_op_threads, graph=component,
+                                  acceleration=acceleration, profiles=profiles, **kw)
+
+        self.text_encoder = session("text_encoder")
+        self.transformer = session("transformer")
         # The VAE's mid-block attention peaks at gigabytes per image at 1024²; an arena would keep that peak
         # resident between requests, so this session allocates and frees per run.
-        self.vae_decoder = create_session(files["vae_decoder"], providers, intra_op_threads, memory_arena=False)
+        self.vae_decoder = session("vae_decoder", memory_arena=False)
+        device = device_of(self.transformer)
+        if acceleration.cuda_graphs and device == "cpu":
+            raise ValueError("CUDA graphs need the transformer on a GPU provider")
+        use_binding = (device != "cpu") if io_binding is None else io_binding
+        self.bound_transformer = (
+            BoundSession(self.transformer, device, acceleration.device_id, acceleration.cuda_graphs)
+            if use_binding or acceleration.cuda_graphs else None
+        )
         self.trim_text = trim_text
         self.guidance_in_one_batch = guidance_in_one_batch
         self.text_cache = EmbeddingCache(int(text_cache_mb * 2**20))
         self.tokenizer = T5Tokenizer.from_file(files["tokenizer"])
-        tr = self.manifest["transformer"]
-        self.patch_size = int(tr["config"]["patch_size"])
-        self.latent_channels = int(tr["config"]["in_channels"])
-        self.inner_dim = int(tr["inner_dim"])
         self.pos_geometry = (float(tr["pos_embed"]["base_size"]), float(tr["pos_embed"]["interpolation_scale"]))
-        self.vae_scale = int(self.manifest["vae"]["scale_factor"])
         self.vae_scaling_factor = float(self.manifest["vae"]["scaling_factor"])
-        self.max_sequence_length = int(self.manifest["text_encoder"]["max_sequence_length"])
         self.scheduler_config = self.manifest["scheduler"]["config"]
-        self.bins = self.manifest["aspect_ratio_bins"]
         checker = self.manifest.get("safety_checker")
         self.safety_checker = (
             SafetyChecker.from_manifest(self.path, checker, providers, intra_op_threads) if checker else None
@@ -355,16 +384,21 @@ class Engine:
         """One transformer call over every row, or, with `guidance_in_one_batch` off, one per guidance half
         (rows before and after `split`)."""
         bounds = [0, len(x)] if self.guidance_in_one_batch or split is None else [0, split, len(x)]
-        outs = [
-            self.transformer.run(None, {
+        outs = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            whole = (a, b) == (0, len(x))  # slicing would make new arrays: the bound text would be sent again
+            feeds = {
                 "latents": x[a:b],
                 "timestep": t[a:b],
-                "encoder_hidden_states": context[a:b],
-                "encoder_attention_mask": mask[a:b],
+                "encoder_hidden_states": context if whole else context[a:b],
+                "encoder_attention_mask": mask if whole else mask[a:b],
                 "pos_embed": pos_embed,
-            })[0]
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
+            }
+            if self.bound_transformer is not None:
+                out_shape = (b - a, self.out_channels, *x.shape[2:])
+                outs.append(self.bound_transformer.run(feeds, out_shape))
+            else:
+                outs.append(self.transformer.run(None, feeds)[0])
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
