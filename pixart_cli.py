@@ -15,7 +15,8 @@ from engine import vocabulary as v
 def _export(args: argparse.Namespace) -> None:
     from export.onnx_export import export_model
 
-    manifest = export_model(args.model, args.out, base=args.base, precision=args.precision,
+    precisions = [x.strip() for x in args.precision.split(",") if x.strip() and x.strip() != "fp32"]
+    manifest = export_model(args.model, args.out, base=args.base, precisions=precisions,
                             optimize=not args.no_optimize, int8=args.int8, safety_checker=args.safety_checker,
                             progress=not args.quiet)
     print(f"exported to {manifest.parent} (manifest: {manifest.name})")
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="diffusers-format checkpoint: a folder or a hub id")
     p.add_argument("--base", default=None, help="where the text encoder, tokenizer and VAE come from (2K model)")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--precision", default="fp32", choices=["fp32"])
+    p.add_argument("--precision", default="fp32",
+                   help="comma-separated: fp32 (always), fp16, bf16: half-precision text encoder and transformer "
+                   "variants beside the fp32 graphs (the VAE decoder stays fp32)")
     p.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's fused graphs")
     p.add_argument("--int8", action="store_true", help="also write an int8-weight transformer graph (variant int8)")
     p.add_argument("--safety-checker", nargs="?", const="default", default=None, metavar="MODEL",

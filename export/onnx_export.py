@@ -42,7 +42,9 @@ class TextEncoderGraph(nn.Module):
         self.text_encoder = text_encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # fp32 out whatever the weights: the engine's loop stays in fp32
+        return states if states.dtype == torch.float32 else states.float()
 
 
 class TransformerGraph(nn.Module):
@@ -62,8 +64,12 @@ class TransformerGraph(nn.Module):
     ) -> torch.Tensor:
         t, p = self.t, self.t.config.patch_size
         c_out = t.out_channels
+        dtype, conv_dtype = t.proj_out.weight.dtype, t.pos_embed.proj.weight.dtype
+        if dtype != torch.float32:  # fp32 inputs and output; inside, the weights' precision (see export.precision)
+            latents = latents.to(conv_dtype)
+            encoder_hidden_states, pos_embed = encoder_hidden_states.to(dtype), pos_embed.to(dtype)
         b, h, w = latents.shape[0], latents.shape[2] // p, latents.shape[3] // p
-        x = t.pos_embed.proj(latents).flatten(2).transpose(1, 2) + pos_embed
+        x = t.pos_embed.proj(latents).flatten(2).transpose(1, 2).to(dtype) + pos_embed
         bias = ((1 - encoder_attention_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
         t6, embedded_t = t.adaln_single(
             timestep, {"resolution": None, "aspect_ratio": None}, batch_size=b, hidden_dtype=x.dtype
@@ -74,7 +80,8 @@ class TransformerGraph(nn.Module):
         shift, scale = (t.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
         x = t.proj_out(t.norm_out(x) * (1 + scale) + shift)
         x = x.reshape(b, h, w, p, p, c_out).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(b, c_out, h * p, w * p)
+        x = x.reshape(b, c_out, h * p, w * p)
+        return x if x.dtype == torch.float32 else x.float()
 
 
 class VaeDecoderGraph(nn.Module):
@@ -187,7 +194,7 @@ def export_model(
     out_dir: str | Path,
     *,
     base: str | Path | None = None,
-    precision: str = "fp32",
+    precisions: tuple[str, ...] | list[str] = (),
     optimize: bool = True,
     int8: bool = False,
     safety_checker: str | Path | None = None,
@@ -196,16 +203,22 @@ def export_model(
     """Export the checkpoint `model` (None: the embedded default) to `out_dir`; return the manifest's path.
 
     Besides the plain fp32 graphs: `optimize` adds ONNX Runtime's fused graphs (variant "optimized", the
-    engine's default), `int8` adds an int8-weight transformer graph (variant "int8").
+    engine's default), `int8` adds an int8-weight transformer graph (variant "int8"), and each of `precisions`
+    ("fp16", "bf16") a half-precision text encoder and transformer (variants of those names; see
+    export.precision for what stays fp32).
     `safety_checker`: a StableDiffusionSafetyChecker checkpoint (folder or hub id) to export beside the model,
     or "default" for the embedded tiny one.
     """
-    if precision != "fp32":
-        raise ValueError(f"precision: only fp32 is exported so far, got {precision!r}")
+    from export.precision import HALF
+
+    unknown = [p for p in precisions if p not in HALF]
+    if unknown:
+        raise ValueError(f"precisions: {unknown} are not among {sorted(HALF)} (fp32 is always exported)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = ["load", "text_encoder", "transformer", "vae_decoder", "tokenizer", "manifest"]
-    steps += ["optimize"] * optimize + ["int8"] * int8 + ["safety checker"] * bool(safety_checker)
+    steps += ["optimize"] * optimize + ["int8"] * int8 + list(precisions)
+    steps += ["safety checker"] * bool(safety_checker)
     bar = tqdm(total=len(steps), desc="export", unit="step", disable=not progress)
     started = time.perf_counter()
 
@@ -232,6 +245,12 @@ def export_model(
     files["tokenizer"] = tokenizer_json_for(c["tokenizer_dir"], out / "tokenizer.json")
     advance("tokenizer")
     variants, fusions = make_variants(c, files, out, optimize, int8, advance)
+    precision_notes = {}
+    for name in precisions:
+        from export.precision import export_half
+
+        variants[name], precision_notes[name] = export_half(c, out, name)
+        advance(name)
     checker = None
     if safety_checker:
         from export.safety_checker import build_default_checker, export_safety_checker
@@ -241,7 +260,8 @@ def export_model(
         checker = export_safety_checker(safety_checker, out)
         files["safety_checker"] = out / checker["file"]
         advance("safety checker")
-    manifest = build_manifest(model, c, files, variants, fusions, checker, precision, time.perf_counter() - started)
+    manifest = build_manifest(model, c, files, variants, fusions, checker, precision_notes,
+                              time.perf_counter() - started)
     path = out / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     advance("manifest")
@@ -275,8 +295,8 @@ def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, in
 
 
 def build_manifest(
-    model, c: dict, files: dict[str, Path], variants: dict, fusions: dict, checker: dict | None, precision: str,
-    seconds: float,
+    model, c: dict, files: dict[str, Path], variants: dict, fusions: dict, checker: dict | None,
+    precisions: dict[str, dict[str, str]], seconds: float,
 ) -> dict:
     import diffusers
     import onnx
@@ -293,7 +313,8 @@ def build_manifest(
     return {
         "format": manifest_format.FORMAT,
         "source_model": str(model),
-        "precision": precision,
+        "precision": "fp32",  # the plain graphs; half-precision variants are described under "precisions"
+        "precisions": precisions,
         "files": {name: f.name for name, f in files.items()},
         "variants": {v: {name: f.name for name, f in graphs.items()} for v, graphs in variants.items()},
         "fusions": fusions,

@@ -1,0 +1,77 @@
+"""Half-precision variants of the text encoder and the transformer, exported from torch modules cast to fp16/bf16.
+
+What stays fp32, and why (each measured: tests/test_precision.py and benchmarks/precision.py):
+* Inputs and outputs of every graph: the engine's loop, the samplers and the VAE stay fp32, with no conversions.
+* T5's feed-forward output projections (`wo`) and so its residual stream: T5's feed-forward activations overflow
+  fp16 (transformers keeps `wo` in fp32 for that reason); with `wo` in fp32, each block's output is fp32 and the
+  residual sum with it, while the attention and the gated feed-forward run in half precision.
+* Index and embedding arithmetic: T5's relative-position buckets (computed from float32 in transformers), the
+  transformer's sinusoidal timestep embedding (computed in fp32 by diffusers before its linear layers).
+* The VAE decoder: the SDXL VAE produces NaNs in fp16 at large sizes; the variants use the fp32 decoder.
+
+Exporting the cast torch modules (rather than converting the fp32 ONNX graphs) keeps these islands where the
+modeling code puts them; ONNX Runtime's converter would also convert the bucket and timestep arithmetic.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+KEEP_FP32 = ("wo",)  # T5's feed-forward output projections
+# Which precisions the text encoder is exported in: torch's TorchScript exporter fails on transformers' T5 in bf16
+# ("ScalarType ComplexDouble is an unexpected tensor scalar type"), so the bf16 variant keeps the fp32 T5.
+T5_HALF = ("fp16",)
+
+
+def half_copy(module: nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> nn.Module:
+    """A copy of `module` in `dtype`; submodules named in `keep_fp32` (full dotted name, or its last part) stay fp32."""
+    half = copy.deepcopy(module).to(dtype)
+    for name, sub in half.named_modules():
+        if name in keep_fp32 or name.rsplit(".", 1)[-1] in keep_fp32:
+            sub.float()
+    return half.eval()
+
+
+def export_half(c: dict, out: Path, name: str) -> tuple[dict[str, Path], dict[str, str]]:
+    """Export `name` ("fp16" or "bf16") text encoder and transformer; return their files and what each holds."""
+    from export.onnx_export import export_text_encoder, export_transformer
+
+    dtype = HALF[name]
+    files: dict[str, Path] = {}
+    notes = {"text_encoder": "fp32", "vae_decoder": "fp32"}
+    if name in T5_HALF:
+        text_encoder = half_copy(c["text_encoder"], dtype, KEEP_FP32)
+        files["text_encoder"] = export_text_encoder(text_encoder, out / f"text_encoder.{name}.onnx")
+        notes["text_encoder"] = f"{name}; feed-forward output projections and the residual stream fp32"
+        del text_encoder
+    # The patch embedding is a Conv, which ONNX (opset 18) does not define for bf16: it stays fp32 in that variant.
+    transformer = half_copy(c["transformer"], dtype, ("pos_embed.proj",) if name == "bf16" else ())
+    files["transformer"] = export_transformer(transformer, out / f"transformer.{name}.onnx")
+    notes["transformer"] = f"{name}; timestep embedding fp32"
+    return files, notes
+
+
+FLOAT_TYPES = (1, 10, 16)  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
+
+
+def cast_pairs(model) -> int:
+    """Float precision conversions straight into another one (fp32 -> fp16 -> fp32 and the like): rounding the
+    graph should not carry. (Integer shape arithmetic has Cast(int64) pairs that ONNX Runtime folds; not counted.)"""
+    from onnx import helper
+
+    def target(node) -> int:
+        return next(helper.get_attribute_value(a) for a in node.attribute if a.name == "to")
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    pairs = 0
+    for node in model.graph.node:
+        source = producers.get(node.input[0]) if node.op_type == "Cast" else None
+        if source is not None and source.op_type == "Cast" and target(node) in FLOAT_TYPES \
+                and target(source) in FLOAT_TYPES:
+            pairs += 1
+    return pairs
