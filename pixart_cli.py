@@ -60,6 +60,26 @@ def _infer(args: argparse.Namespace) -> None:
     print(json.dumps({"seed": result.seed, "providers": engine.providers, "timings_s": timings}))
 
 
+def _build_engines(args: argparse.Namespace) -> None:
+    """Build (or load from the cache) the TensorRT engines of an export, once, for the shapes it will serve."""
+    from engine import Engine, GenerationRequest
+    from engine.runtime import CPU, CUDA, TENSORRT, Acceleration, default_providers
+
+    if TENSORRT not in default_providers():
+        raise SystemExit("build-engines needs ONNX Runtime's TensorRT provider and a CUDA driver; this machine has "
+                         f"{', '.join(default_providers())}. Run it on the deployment's GPU machine.")
+    cache = Path(args.cache_dir) if args.cache_dir else Path(args.engine) / "trt-cache"
+    acceleration = Acceleration(device_id=args.device_id, cuda_graphs=args.cuda_graphs, cache_dir=cache)
+    engine = Engine.load(args.engine, [TENSORRT, CUDA, CPU], variant=args.variant, acceleration=acceleration,
+                         max_rows=2 * args.max_batch)
+    bins = [v.parse_image_size(b) for b in args.bins.split(",")] if args.bins else [
+        (w, h) for h, w in engine.bins.values()]
+    for size in bins:  # one request per bin: builds the engines on the first, then captures each bin's graph
+        engine.generate(GenerationRequest(prompt="build", image_size=size, num_inference_steps=1, seed=0))
+        print(f"ready: {size[0]}x{size[1]}")
+    print(f"TensorRT engines and timing cache in {cache}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixart", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", default=os.environ.get("PIXART_PROVIDERS"),
                    help="comma-separated ONNX Runtime providers (PIXART_PROVIDERS); default: the best present")
     p.set_defaults(func=_infer)
+
+    p = sub.add_parser("build-engines", help="prebuild the TensorRT engines of an export (once, after install)")
+    p.add_argument("--engine", required=True, type=Path, help="export folder")
+    p.add_argument("--bins", default="", help="WIDTHxHEIGHT,... to warm (default: every bin of the export)")
+    p.add_argument("--max-batch", type=int, default=4, help="images per step the engines must take (x2 rows)")
+    p.add_argument("--variant", default=None, help="graph set: fp32 (TensorRT makes its own fp16), fp16, ...")
+    p.add_argument("--cuda-graphs", action="store_true", help="also capture a CUDA graph per bin")
+    p.add_argument("--device-id", type=int, default=0)
+    p.add_argument("--cache-dir", default=None, help="engine and timing cache (default: <export>/trt-cache)")
+    p.set_defaults(func=_build_engines)
 
     from benchmarks.bench import register as register_bench
     from benchmarks.load import register as register_loadtest

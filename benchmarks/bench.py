@@ -78,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default=str(RESULTS), help="where the JSON, Markdown and PNG go")
     p.add_argument("--tag", default="", help="suffix for the output file names (default: the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cuda: eager diffusers in fp16 on the GPU, the engine on the GPU providers; cpu: both on the "
+                   "CPU (fp32 eager); auto: cuda when torch sees a GPU. Variants that need a provider this machine "
+                   "lacks are skipped and listed in the report")
 
 
 def register(subparsers: Any) -> None:
@@ -133,6 +137,11 @@ def run(args: argparse.Namespace) -> int:
 
     sizes, batches = _ints(args.sizes), _ints(args.batches)
     variants = parse_variants(args.variants)
+    device = resolve_device(args.device)
+    skipped = {name: why for name, options in variants.items() if (why := unavailable(options, device))}
+    variants = {name: options for name, options in variants.items() if name not in skipped}
+    for name, why in skipped.items():
+        print(f"[bench] skipping {name}: {why}", file=sys.stderr, flush=True)
     sides, measures = select(args.only, variants)
     if 1 not in batches:
         batches = [1, *batches]  # batch 1 is the end-to-end latency and the cold start
@@ -162,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
                 specs.append({
                     "side": name, "size": side, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
                     "batches": batches, "measures": measures, "guidance": args.guidance, "threads": args.threads,
+                    "device": device,
                     "checkpoint": models[side]["checkpoint"], "export": models[side]["export"],
                     "engine_options": variants.get(name, {}), "latents": str(work / f"latents-{side}.npy"),
                     "images": str(work / f"images-{name}-{side}"), "result": str(work / f"result-{name}-{side}.json"),
@@ -189,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_info(),
         "versions": versions(),
         "models": {str(k): v for k, v in models.items()},
+        "device": device,
+        "skipped": skipped,
         "runs": runs,
         "comparisons": comparisons,
     }
@@ -208,6 +220,34 @@ def command_line(args: argparse.Namespace) -> str:
     if parse_variants(args.variants) != {"engine": {}}:
         parts.append(f"--variants '{args.variants}'")
     return " ".join(parts)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def unavailable(options: dict, device: str) -> str | None:
+    """Why an engine variant cannot run here (a GPU provider on the CPU, or one this build lacks), or None."""
+    from engine.runtime import default_providers
+
+    wanted = options.get("providers") or []
+    needs_gpu = any(p in GPU_PROVIDERS for p in wanted) or options.get("acceleration", {}).get("cuda_graphs")
+    if needs_gpu and device != "cuda":
+        return f"needs a GPU provider ({', '.join(wanted) or 'CUDA graphs'}); this run is on the {device}"
+    missing = [p for p in wanted if p not in default_providers()]
+    if missing:
+        return f"{', '.join(missing)} not available in this onnxruntime build on this machine"
+    return None
 
 
 def planned_units(spec: dict) -> int:
@@ -355,7 +395,9 @@ class EagerSide(Side):
 
         self.torch, self.spec = torch, spec
         torch.set_num_threads(spec["threads"])
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = spec.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        # fp16 on a GPU, as the eager baseline is deployed; fp32 on a CPU, where half precision is not faster
+        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -364,7 +406,7 @@ class EagerSide(Side):
     def load(self) -> None:
         from diffusers import PixArtSigmaPipeline
 
-        self.pipe = PixArtSigmaPipeline.from_pretrained(self.spec["checkpoint"], torch_dtype=self.torch.float32)
+        self.pipe = PixArtSigmaPipeline.from_pretrained(self.spec["checkpoint"], torch_dtype=self.dtype)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -377,7 +419,7 @@ class EagerSide(Side):
                     torch.cat([neg_mask.repeat(b, 1), mask.repeat(b, 1)]))
                 for b in self.spec["batches"]
             }
-        lat = torch.from_numpy(np.load(self.spec["latents"])).to(self.device)
+        lat = torch.from_numpy(np.load(self.spec["latents"])).to(self.device, self.dtype)
         self.latents = lat
         self.t = torch.tensor(999.0, device=self.device)
 
@@ -415,13 +457,14 @@ class EagerSide(Side):
                 prompt=[self.fresh(p) for p in prompts], negative_prompt=[NEGATIVE] * len(prompts),
                 height=size, width=size,
                 num_inference_steps=steps, guidance_scale=self.spec["guidance"],
-                latents=self.torch.from_numpy(latents).to(self.device), output_type="np", clean_caption=False,
+                latents=self.torch.from_numpy(latents).to(self.device, self.dtype), output_type="np",
+                clean_caption=False,
             ).images
         self._sync()
         return (np.asarray(images) * 255).round().astype(np.uint8)
 
     def info(self) -> dict:
-        out = {"device": self.device, "torch_threads": self.torch.get_num_threads(), "dtype": "float32"}
+        out = {"device": self.device, "torch_threads": self.torch.get_num_threads(), "dtype": str(self.dtype)}
         if self.device == "cuda":
             out["gpu_max_allocated_mib"] = self.torch.cuda.max_memory_allocated() / 2**20
         return out
@@ -435,9 +478,15 @@ class EngineSide(Side):
 
     def load(self) -> None:
         from engine import Engine
+        from engine.runtime import CPU, CUDA, Acceleration
 
+        options = dict(self.spec["engine_options"])
+        if "acceleration" in options:
+            options["acceleration"] = Acceleration(**options["acceleration"])
+        # a variant names its providers only to ask for TensorRT: otherwise CUDA on the GPU, the CPU on the CPU
+        providers = options.pop("providers", None) or ([CUDA, CPU] if self.spec.get("device") == "cuda" else [CPU])
         try:
-            self.engine = Engine.load(self.spec["export"], **self.spec["engine_options"])
+            self.engine = Engine.load(self.spec["export"], providers, **options)
         except TypeError as e:
             opts = self.spec["engine_options"]
             raise SystemExit(f"variant {self.spec['side']}: Engine.load does not take {opts}: {e}") from e

@@ -39,3 +39,17 @@ def reference_pipeline(default_checkpoint):
 
     torch.set_num_threads(2)
     return PixArtSigmaPipeline.from_pretrained(default_checkpoint, torch_dtype=torch.float32)
+
+
+# The export options of the GPU benchmark script (benchmarks/gpu.sh), so that its CPU proof finds this export cached.
+SMALL_EXPORT_OPTIONS = {"optimize": False, "precisions": ["fp16"]}
+
+
+@pytest.fixture(scope="session")
+def small_export() -> Path:
+    """The `small` config (real widths: 1152-wide transformer, 4096-wide T5, the SDXL VAE) at the 256 layout, with
+    its fp16 variant; built once into the benchmarks' cache (git-ignored), shared by the tests that need it."""
+    from benchmarks.models import cached_export
+
+    _, export, _ = cached_export("small", 256, export_options=SMALL_EXPORT_OPTIONS)
+    return export

@@ -54,3 +54,30 @@ def test_bench_tiny_writes_json_markdown_and_plot(tmp_path):
     png = (tmp_path / "bench-tiny.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_gpu_benchmark_script_runs_end_to_end_on_cpu(small_export, tmp_path):
+    """benchmarks/gpu.sh, as it runs on the GPU machine, but on the CPU with the small config: eager, the fp16
+    engine with and without IO binding run and are compared; CUDA graphs and TensorRT are skipped, with reasons."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DEVICE="cpu", CONFIG="small", SIZE="256", STEPS="2", REPEATS="1", ONLY="e2e,step",
+               OUT=str(tmp_path), PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=1700)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench-small-gpu-cpu.json").read_text())
+    assert report["device"] == "cpu"
+    assert set(report["skipped"]) == {"engine_fp16_cuda_graphs", "engine_tensorrt"}
+    assert {r["side"] for r in report["runs"]} == {"eager", "engine_fp16", "engine_fp16_iobinding"}
+    for r in report["runs"]:
+        assert {"step_b1", "step_b4"} <= set(r["stages"]) and r["e2e"]["1"]["n"] == 1
+    psnrs = {c["variant"]: c["psnr_db"] for c in report["comparisons"]}
+    assert psnrs["engine_fp16"] > 30 and psnrs["engine_fp16_iobinding"] == psnrs["engine_fp16"]
+    assert "| eager |" in done.stdout  # the table, printed last

@@ -112,14 +112,10 @@ def test_generate_is_prepare_step_finish(engine):
 
 
 @pytest.fixture(scope="module")
-def small_engine(tmp_path_factory):
-    """The `small` config (real widths: 1152-wide transformer, 4096-wide T5, the SDXL VAE) at the 256 layout."""
-    from benchmarks.models import cached_export
+def small_engine(small_export):
     from engine import Engine
 
-    _, export, _ = cached_export("small", 256, export_options={"optimize": False},
-                                 root=tmp_path_factory.mktemp("small"))
-    return Engine.load(export)
+    return Engine.load(small_export)
 
 
 @pytest.mark.slow

@@ -100,3 +100,17 @@ def test_cuda_graphs_are_refused_on_the_cpu(default_export):
 
     with pytest.raises(ValueError, match="CUDA graphs"):
         Engine.load(default_export, providers=["CPUExecutionProvider"], acceleration=Acceleration(cuda_graphs=True))
+
+
+def test_build_engines_says_what_it_needs_on_a_machine_without_tensorrt(default_export):
+    import subprocess
+    import sys
+
+    from engine.runtime import TENSORRT, default_providers
+
+    if TENSORRT in default_providers():
+        pytest.skip("this machine has TensorRT: the command would build engines")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "pixart_cli.py"), "build-engines", "--engine",
+                           str(default_export)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "TensorRT provider" in done.stderr
