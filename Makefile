@@ -14,6 +14,9 @@ $(BIN)/pixart: pyproject.toml
 	# torch first, pinned, so that no later range pulls a CUDA build onto a CPU machine
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[export,dev]"
+	# fal's JavaScript client for its acceptance test, pinned by tests/js/package-lock.json (where Node.js is)
+	if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/js --no-audit --no-fund --silent || \
+		echo "npm ci failed: the JavaScript client's acceptance test will try again or skip"; fi
 	touch $@
 
 install: $(BIN)/pixart

@@ -19,7 +19,7 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.request import GenerationResult, InvalidRequest
+from engine.request import GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
 from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
 
@@ -27,6 +27,7 @@ from . import convert
 from . import store as st
 from .auth import ApiKeyInterceptor
 from .batcher import Batcher, Engine, ShutdownAbort, WorkItem
+from .fal import FalApi
 from .guard import DecodeGuard
 from .http import HttpServer, ResultSigner, build_app
 from .metrics import STAGES, Metrics
@@ -38,6 +39,19 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PixArt"].full_name
 # 8 PNGs of 2048x2048 RGB are at most ~8 x 12.6 MB plus framing; 256 MiB leaves room for incompressible data.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_REQUEST_BYTES = 1 * 1024 * 1024  # two 10,000-character prompts are < 100 kB even in 4-byte UTF-8
+
+
+@dataclass
+class Lookup:
+    """A request's state for Status/Result calls, whichever transport asks."""
+
+    request_id: str
+    state: str
+    queue_position: int = 0
+    progress: tuple[int, int] = (0, 0)
+    logs: list[dict] = field(default_factory=list)
+    error: status_pb2.Status | None = None
+    row: st.Row | None = None  # the stored row, once it has ended (its result and files)
 
 
 @dataclass
@@ -71,6 +85,7 @@ class ServerConfig:
     webhook_allow: list[str] = field(default_factory=list)  # CIDRs and host names opened to webhooks
     webhook_secret: str | None = None  # signs deliveries; default: a key kept in the store folder
     result_url_ttl_s: float = 3600.0  # how long a signed result URL works
+    app_ids: list[str] = field(default_factory=list)  # fal app ids served besides fal-ai/pixart-sigma
 
 
 class App:
@@ -92,6 +107,7 @@ class App:
         secret = config.webhook_secret.encode() if config.webhook_secret else self.store.secret("webhook-signing")
         self.webhooks = WebhookSender(self.webhook_policy, secret, timeout_s=config.webhook_timeout_s,
                                       attempts=config.webhook_attempts, backoff_s=config.webhook_backoff_s)
+        self.fal = FalApi(self, config.app_ids)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deliveries: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
@@ -146,7 +162,8 @@ class App:
             await self.metrics_http.start()
         if cfg.http_port is not None:
             app = build_app(signer=self.signer, result_file=self._servable_result, keys=cfg.api_keys,
-                            render_metrics=None if cfg.metrics_address else self.metrics.render, healthy=healthy)
+                            render_metrics=None if cfg.metrics_address else self.metrics.render, healthy=healthy,
+                            fal=self.fal)
             self.http = HttpServer(app, cfg.host, cfg.http_port, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
             await self.http.start()
         await self.server.start()
@@ -291,6 +308,53 @@ class App:
         if row.webhook_url:
             self._schedule_webhook(row.id)
 
+    # -- the durable queue, as every transport sees it -----------------------------------------------------
+    async def submit(self, request: GenerationRequest, webhook_url: str = "", origin: str = "grpc",
+                     request_bytes: bytes | None = None) -> tuple[str, int]:
+        """Store, then queue a validated request; (id, queue position). Raises QueueFull or Draining (nothing
+        stays stored then). The row is committed before the id is returned and before the worker can start it."""
+        data = request_bytes or convert.request_to_proto(request).SerializeToString()
+        item = WorkItem(request, durable=True, request_bytes=data, webhook_url=webhook_url)
+        await asyncio.to_thread(self.store.add, item.id, data, webhook_url, origin)
+        try:
+            position = self.batcher.submit(item)
+        except Exception:
+            await asyncio.to_thread(self.store.delete, item.id)
+            raise
+        log.info("accepted", extra={"request_id": item.id, "origin": origin})
+        return item.id, position
+
+    async def lookup(self, request_id: str) -> Lookup | None:
+        """Where a request is: live in the batcher, or in the store; None when unknown or expired."""
+        item = self.batcher.items.get(request_id) if self.batcher else None
+        if item is not None and item.state in (st.IN_QUEUE, st.IN_PROGRESS):
+            position = self.batcher.position(item) if item.state == st.IN_QUEUE else None
+            return Lookup(item.id, str(item.state), position or 0, item.progress, list(item.logs))
+        row = await asyncio.to_thread(self.store.get, request_id)
+        if row is None:
+            return None
+        error = status_pb2.Status.FromString(row.error) if row.error else None
+        return Lookup(row.id, row.state, 0, (0, 0), row.logs, error, row)
+
+    async def cancel(self, request_id: str) -> str:
+        """"queued" (it will not run), "running" (it stops at its next step, and stays cancelled across a
+        crash), "ended" (already in a final state) or "unknown"."""
+        item = self.batcher.items.get(request_id) if self.batcher else None
+        if item is not None and item.durable:
+            # committed before the answer: a crash after "cancellation requested" must not run it again
+            await asyncio.to_thread(self.store.request_cancel, request_id)
+        outcome = self.batcher.cancel(request_id) if self.batcher else None
+        if outcome is not None:
+            return outcome
+        row = await asyncio.to_thread(self.store.get, request_id)
+        if row is None:
+            return "unknown"
+        if row.state in st.TERMINAL:
+            return "ended"
+        # stored as queued but not scheduled in this process (starting up or draining): cancel it in the store
+        await asyncio.to_thread(self.cancel_stored, row)
+        return "queued"
+
     # -- webhooks -------------------------------------------------------------------------------------------
     def _schedule_webhook(self, request_id: str) -> None:
         """Deliver the end of a request to its webhook (from any thread); undelivered ones resume at the next start."""
@@ -312,6 +376,8 @@ class App:
         await asyncio.to_thread(self.store.mark_webhook_done, row.id)
 
     def _webhook_payload(self, row: st.Row) -> dict[str, Any]:
+        if row.origin == "fal":
+            return self.fal.webhook_payload(row)
         body: dict[str, Any] = {"request_id": row.id, "status": row.state, "payload": None, "error": None}
         if row.state == st.COMPLETED and row.result:
             body["payload"] = convert.result_to_json(self.stored_result(row))

@@ -76,6 +76,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "address), instead of on the HTTP port, where it needs an API key when keys are configured",
     )
     p.add_argument(
+        "--app-id",
+        action="append",
+        default=[a for a in (_env("app_id") or "").split(",") if a],
+        metavar="OWNER/NAME",
+        help="fal app id served on the HTTP port besides fal-ai/pixart-sigma (repeatable)",
+    )
+    p.add_argument(
         "--result-url-ttl",
         type=float,
         default=_env("result_url_ttl", 3600.0, float),
@@ -195,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         public_url=args.public_url,
         metrics_address=args.metrics_address,
         result_url_ttl_s=args.result_url_ttl,
+        app_ids=list(args.app_id),
         webhook_allow=list(args.webhook_allow),
         webhook_secret=args.webhook_secret,
         webhook_timeout_s=args.webhook_timeout,

@@ -1,5 +1,5 @@
 """The HTTP port beside gRPC (Starlette on uvicorn, on the gRPC server's event loop): stored result images, /metrics,
-/healthz.
+/healthz, and fal's queue protocol (server/fal.py).
 
 Result images are served only through URLs the server signed: HMAC-SHA256 over request id, file name and expiry with
 a key only the server holds (`?expires=<unix s>&signature=<hex>`), like an object store's presigned URL, so a URL
@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import uvicorn
@@ -30,6 +31,9 @@ from starlette.routing import Route
 
 from .auth import key_matches, presented_key
 from .store import is_request_id, is_result_file
+
+if TYPE_CHECKING:
+    from .fal import FalApi
 
 
 class ResultSigner:
@@ -62,8 +66,10 @@ def build_app(
     keys: list[str],
     render_metrics: Callable[[], bytes] | None,
     healthy: Callable[[], bool],
+    fal: FalApi | None = None,
 ) -> Starlette:
-    """The routes this port serves: results (when `signer`), /metrics (when `render_metrics`), /healthz."""
+    """The routes this port serves: results (when `signer`), /metrics (when `render_metrics`), /healthz, and fal's
+    queue protocol (when `fal`)."""
 
     def key_ok(request: Request) -> bool:
         presented = presented_key(request.headers.get("authorization", ""))
@@ -98,7 +104,12 @@ def build_app(
         routes.append(Route("/results/{request_id}/{file_name}", result))
     if render_metrics is not None:
         routes.append(Route("/metrics", metrics))
-    return Starlette(routes=routes)
+    if fal is None:
+        return Starlette(routes=routes)
+    app = Starlette(routes=routes + fal.routes())
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+    app.router.routes.append(Route("/fal/proxy", fal.proxy(app.router), methods=methods))
+    return app
 
 
 class _Server(uvicorn.Server):

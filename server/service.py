@@ -219,75 +219,53 @@ class PixArtService(pb_grpc.PixArtServicer):
     @_observed
     async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
         req = await self._accept(request.request, context, request.webhook_url)
-        job = WorkItem(req, durable=True, request_bytes=request.request.SerializeToString(),
-                  webhook_url=request.webhook_url)
-        # stored before it can be scheduled (the worker marks the row running) and before the id is returned
-        await asyncio.to_thread(self.app.store.add, job.id, job.request_bytes, job.webhook_url)
-        position = await self._enqueue(job, context,
-                                       on_refused=lambda: asyncio.to_thread(self.app.store.delete, job.id))
-        log.info("accepted", extra={"request_id": job.id, "method": "Submit"})
-        return pb.SubmitResponse(request_id=job.id, queue_position=position)
+        try:
+            rid, position = await self.app.submit(req, request.webhook_url,
+                                                  request_bytes=request.request.SerializeToString())
+        except QueueFull:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the queue is full ({self.app.config.max_queue} waiting); retry later")
+        except Draining:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        return pb.SubmitResponse(request_id=rid, queue_position=position)
 
     @_observed
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
-        rid = await self._request_id(request.request_id, context)
-        job = self.app.batcher.items.get(rid) if self.app.batcher else None
-        if job is not None and job.state in (st.IN_QUEUE, st.IN_PROGRESS):
-            out = pb.StatusResponse(request_id=job.id, state=pb.RequestState.Value(job.state))
-            if job.state == st.IN_QUEUE:
-                out.queue_position = self.app.batcher.position(job) or 0
-            else:
-                out.progress.step, out.progress.total_steps = job.progress
-            if request.logs:
-                out.logs.extend(pb.LogLine(**line) for line in list(job.logs))
-            return out
-        row = await asyncio.to_thread(self.app.store.get, rid)
-        if row is None:
+        found = await self.app.lookup(await self._request_id(request.request_id, context))
+        if found is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, NOT_FOUND_MESSAGE)
-        out = pb.StatusResponse(request_id=row.id, state=pb.RequestState.Value(row.state))
-        if row.state == st.IN_QUEUE:
-            out.queue_position = 0  # stored but not yet scheduled again (the server is starting or stopping)
-        if row.error:
-            out.error.ParseFromString(row.error)
+        out = pb.StatusResponse(request_id=found.request_id, state=pb.RequestState.Value(found.state))
+        if found.state == st.IN_QUEUE:
+            out.queue_position = found.queue_position
+        elif found.state == st.IN_PROGRESS:
+            out.progress.step, out.progress.total_steps = found.progress
+        if found.error is not None:
+            out.error.CopyFrom(found.error)
         if request.logs:
-            out.logs.extend(pb.LogLine(**line) for line in row.logs)
+            out.logs.extend(pb.LogLine(**line) for line in found.logs)
         return out
 
     @_observed
     async def Result(self, request: pb.RequestRef, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
-        rid = await self._request_id(request.request_id, context)
-        job = self.app.batcher.items.get(rid) if self.app.batcher else None
-        row = None
-        if job is None or job.state not in (st.IN_QUEUE, st.IN_PROGRESS):
-            row = await asyncio.to_thread(self.app.store.get, rid)
-            if row is None:
-                await abort(context, grpc.StatusCode.NOT_FOUND, NOT_FOUND_MESSAGE)
-        state = row.state if row is not None else job.state
-        if state != st.COMPLETED:
-            detail = ""
-            if row is not None and row.error:
-                detail = ": " + status_pb2.Status.FromString(row.error).message[:500]
-            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"the request is {state}, not COMPLETED{detail}")
-        return await asyncio.to_thread(self.app.stored_result, row)
+        found = await self.app.lookup(await self._request_id(request.request_id, context))
+        if found is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, NOT_FOUND_MESSAGE)
+        if found.state != st.COMPLETED or found.row is None:
+            detail = f": {found.error.message[:500]}" if found.error is not None else ""
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                        f"the request is {found.state}, not COMPLETED{detail}")
+        return await asyncio.to_thread(self.app.stored_result, found.row)
 
     @_observed
     async def Cancel(self, request: pb.RequestRef, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         rid = await self._request_id(request.request_id, context)
-        job = self.app.batcher.items.get(rid) if self.app.batcher else None
-        if job is not None and job.durable:
-            # committed before the answer: a crash after "cancellation requested" must not run it again
-            await asyncio.to_thread(self.app.store.request_cancel, rid)
-        outcome = self.app.batcher.cancel(rid) if self.app.batcher else None
+        outcome = await self.app.cancel(rid)
         if outcome == "queued":
             return pb.CancelResponse(request_id=rid, outcome=pb.CANCELLED_WHILE_QUEUED, state=pb.CANCELED)
         if outcome == "running":
             return pb.CancelResponse(request_id=rid, outcome=pb.CANCELLATION_REQUESTED, state=pb.IN_PROGRESS)
-        row = await asyncio.to_thread(self.app.store.get, rid)
-        if row is None:
+        if outcome == "unknown":
             return pb.CancelResponse(request_id=rid, outcome=pb.NOT_FOUND)
-        if row.state in st.TERMINAL:
-            return pb.CancelResponse(request_id=rid, outcome=pb.ALREADY_COMPLETED,
-                                     state=pb.RequestState.Value(row.state))
-        # stored as queued but not scheduled in this process (starting up or draining): cancel it in the store
-        await asyncio.to_thread(self.app.cancel_stored, row)
-        return pb.CancelResponse(request_id=rid, outcome=pb.CANCELLED_WHILE_QUEUED, state=pb.CANCELED)
+        found = await self.app.lookup(rid)
+        state = pb.RequestState.Value(found.state) if found is not None else pb.REQUEST_STATE_UNSPECIFIED
+        return pb.CancelResponse(request_id=rid, outcome=pb.ALREADY_COMPLETED, state=state)

@@ -48,10 +48,11 @@ CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 # Versioned changes to a store written by an older server, applied in order at open (PRAGMA user_version).
 _MIGRATIONS = (
     "ALTER TABLE requests ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE requests ADD COLUMN origin TEXT NOT NULL DEFAULT 'grpc'",  # which API's webhook payload it gets
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _COLUMNS = ("id, state, durable, request, webhook_url, webhook_done, created, started, finished, error, result, logs, "
-            "cancel_requested")
+            "cancel_requested, origin")
 
 # Request ids are exactly what new_request_id() makes; anything else is refused before it reaches a query or a path.
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
@@ -86,6 +87,7 @@ class Row:
     result: bytes | None  # a serialized pixart.v1.GenerateResult without file_data or url
     logs: list
     cancel_requested: bool = False  # a Cancel arrived while it ran: it must not run again after a restart
+    origin: str = "grpc"  # the API it came through ("grpc" or "fal"): the shape of its webhook
 
 
 class Store:
@@ -142,11 +144,12 @@ class Store:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def add(self, request_id: str, request: bytes, webhook_url: str = "") -> None:
+    def add(self, request_id: str, request: bytes, webhook_url: str = "", origin: str = "grpc") -> None:
         """Record an accepted Submit (committed before returning)."""
         self._exec(
-            "INSERT INTO requests (id, state, durable, request, webhook_url, created) VALUES (?, ?, 1, ?, ?, ?)",
-            (request_id, IN_QUEUE, request, webhook_url, time.time()),
+            "INSERT INTO requests (id, state, durable, request, webhook_url, created, origin) "
+            "VALUES (?, ?, 1, ?, ?, ?, ?)",
+            (request_id, IN_QUEUE, request, webhook_url, time.time(), origin),
         )
 
     def delete(self, request_id: str) -> None:
@@ -253,5 +256,5 @@ def _row(r: tuple) -> Row:
     return Row(
         id=r[0], state=r[1], durable=bool(r[2]), request=r[3], webhook_url=r[4], webhook_done=bool(r[5]),
         created=r[6], started=r[7], finished=r[8], error=r[9], result=r[10], logs=json.loads(r[11] or "[]"),
-        cancel_requested=bool(r[12]),
+        cancel_requested=bool(r[12]), origin=r[13],
     )
