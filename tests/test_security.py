@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 KEY = "s3cret-key-4711"
 CHEAP = dict(num_inference_steps=2, image_size=(256, 256))
-SLOW = dict(num_inference_steps=100, image_size=(256, 256), num_images=8)  # ~7 s: acted on while it runs
+SLOW = dict(num_inference_steps=100, image_size=(256, 256), num_images=8)  # ~2 s: acted on while it runs
 
 
 @pytest.fixture(scope="module")
