@@ -11,7 +11,7 @@ import contextvars
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -126,19 +126,19 @@ class PixArtService(pb_grpc.PixArtServicer):
                 [("request_id", "must be a request id as Submit returns it (32 lowercase hexadecimal digits)")]))
         return request_id
 
-    async def _enqueue(self, job: WorkItem, context: grpc.aio.ServicerContext,
-                       on_refused: Callable[[], Awaitable[None]] | None = None) -> int:
+    async def _enqueue(self, job: WorkItem, context: grpc.aio.ServicerContext) -> int:
         """Queue the job and return its position, or end the call: queue full, or shutting down."""
         try:
             return self.app.batcher.submit(job)
         except (QueueFull, Draining) as exc:
-            if on_refused is not None:
-                await on_refused()
-            if isinstance(exc, QueueFull):
-                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"the queue is full ({self.app.config.max_queue} waiting); retry later")
-            await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            await self._queue_refused(exc, context)
         raise AssertionError("unreachable")
+
+    async def _queue_refused(self, exc: QueueFull | Draining, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(exc, QueueFull):
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the queue is full ({self.app.config.max_queue} waiting); retry later")
+        await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     @staticmethod
     def _listen(job: WorkItem) -> asyncio.Queue:
@@ -222,11 +222,8 @@ class PixArtService(pb_grpc.PixArtServicer):
         try:
             rid, position = await self.app.submit(req, request.webhook_url,
                                                   request_bytes=request.request.SerializeToString())
-        except QueueFull:
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"the queue is full ({self.app.config.max_queue} waiting); retry later")
-        except Draining:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        except (QueueFull, Draining) as exc:
+            await self._queue_refused(exc, context)
         return pb.SubmitResponse(request_id=rid, queue_position=position)
 
     @_observed
