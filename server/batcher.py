@@ -7,7 +7,8 @@ One worker thread owns the engine (it is synchronous and CPU/GPU-bound). Each it
      bin), while the group has room (`max_batch` requests, `max_batch_images` images) and the memory budget
      (`max_running_images` across groups) allows; `engine.prepare` encodes their text there;
   3. runs one step for the group whose turn it is (groups take turns, so no size bin waits on another);
-  4. finishes the rows of that group that are done (decode, safety, encode) and reports them.
+  4. hands the rows of that group that are done to the finisher thread (decode, safety, encode, report), so the
+     others' next step does not wait for a decode.
 
 So a request that arrives while a batch runs starts at the next step instead of after the whole batch, and a
 4-step request leaves after 4 steps however long its companions run (Orca/vLLM's iteration-level scheduling).
@@ -24,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -164,6 +166,8 @@ class Batcher:
         self._stopping = False
         self._abort = False
         self._preparing: list[WorkItem] = []
+        self._finishing: list[WorkItem] = []  # done stepping, being decoded on the finisher thread
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixart-finish")
         self._last_group: Hashable = None
         self._thread: threading.Thread | None = None
         self.worker_ident: int | None = None
@@ -171,7 +175,8 @@ class Batcher:
 
     @property
     def running(self) -> list[WorkItem]:
-        return [item for group in list(self.groups.values()) for item in group] + list(self._preparing)
+        return ([item for group in list(self.groups.values()) for item in group] + list(self._preparing)
+                + list(self._finishing))
 
     # -- called from the event loop -------------------------------------------------------------------------
     def start(self) -> None:
@@ -236,7 +241,7 @@ class Batcher:
         """Wait until nothing runs; True if that happened within timeout."""
         end = time.monotonic() + timeout
         with self._cond:
-            while self.groups or self._preparing:
+            while self.groups or self._preparing or self._finishing:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
@@ -255,6 +260,7 @@ class Batcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._finisher.shutdown(wait=True)
         logging.getLogger("engine").removeHandler(self._log_handler)
 
     # -- the worker thread ----------------------------------------------------------------------------------
@@ -408,21 +414,24 @@ class Batcher:
             self._settle(item, outcome)
 
     def _finish(self, key: Hashable, items: list[WorkItem]) -> None:
-        self.current = list(items)
-        try:
-            outcomes: list[GenerationResult | BaseException] = list(
-                self.engine.finish([item.generation for item in items]))
-        except Exception as exc:
-            log.exception("finishing failed", extra={"request_id": ",".join(i.id for i in items)})
-            outcomes = [exc] * len(items)
-        finally:
-            self.current = []
+        """Rows that are done leave their group now; decoding and encoding them happens on the finisher thread,
+        so the steps of everyone else do not wait for a VAE decode."""
         with self._cond:
             group = self.groups.get(key, [])
             for item in items:
                 group.remove(item)
             if not group:
                 self.groups.pop(key, None)
+            self._finishing.extend(items)
+        self._finisher.submit(self._finish_now, items)
+
+    def _finish_now(self, items: list[WorkItem]) -> None:
+        try:
+            outcomes: list[GenerationResult | BaseException] = list(
+                self.engine.finish([item.generation for item in items]))
+        except Exception as exc:
+            log.exception("finishing failed", extra={"request_id": ",".join(i.id for i in items)})
+            outcomes = [exc] * len(items)
         for item, outcome in zip(items, outcomes, strict=True):
             self._settle(item, outcome)
 
@@ -436,8 +445,9 @@ class Batcher:
         item.generation = None  # its latents and text states are not needed any more
         self.complete(item, outcome)
         with self._cond:
-            if item in self._preparing:
-                self._preparing.remove(item)
+            for busy in (self._preparing, self._finishing):
+                if item in busy:
+                    busy.remove(item)
             self._cond.notify_all()
 
     # -- outcomes and notifications -------------------------------------------------------------------------
