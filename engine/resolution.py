@@ -40,7 +40,9 @@ def resize_and_crop(images: np.ndarray, width: int, height: int) -> np.ndarray:
     if (h, w) == (height, width):
         return images
     ratio = max(height / h, width / w)
-    rh, rw = int(h * ratio), int(w * ratio)
+    # diffusers truncates h * ratio, which floating point can leave one pixel short of the side it was scaled to
+    # cover (208 * (480 / 208) = 479.999...): its crop then starts at -1 and returns one row. Never below the target.
+    rh, rw = max(height, int(h * ratio)), max(width, int(w * ratio))
     resized = resize_bilinear(images, rh, rw)
     top, left = (rh - height) // 2, (rw - width) // 2
     return resized[:, :, top : top + height, left : left + width]

@@ -213,3 +213,17 @@ def test_an_invalid_request_among_many_fails_alone(engine):
     out = engine.generate_many([bad, good])
     assert isinstance(out[0], InvalidRequest) and out[0].field == "image_size"
     np.testing.assert_array_equal(pixels(out[1]), pixels(engine.generate(good)))
+
+
+def test_every_requested_size_comes_back_exactly(engine):
+    # Scaling a bin to cover the request must not come out a pixel short (208 * (480 / 208) = 479.999... in floating
+    # point made a 640x480 request come back 640x1).
+    from engine.resolution import classify_bin, resize_and_crop
+
+    for width in range(256, 2049, 37):
+        for height in (256, 333, 480, 577, 768, 1000, 1365, 2048):
+            h, w = classify_bin(height, width, engine.bins)
+            out = resize_and_crop(np.zeros((1, 3, h, w), np.float32), width, height)
+            assert out.shape[2:] == (height, width), (width, height)
+    r = engine.generate(GenerationRequest(prompt="x", image_size=(640, 480), num_inference_steps=1, seed=1))
+    assert r.images[0].pixels.shape == (480, 640, 3)
