@@ -249,7 +249,7 @@ class FalApi:
                 if found is None:
                     return
                 body, _ = self.status_json(request, app_id, found, with_logs)
-                if with_logs:  # only the lines not sent yet: the JS client appends each event's logs
+                if body.get("logs") is not None:  # only the lines not sent yet: the JS client appends them
                     body["logs"], sent_logs = body["logs"][sent_logs:], len(body["logs"])
                 changed = (body["status"], body.get("queue_position")) != last or body.get("logs")
                 if changed:

@@ -108,7 +108,9 @@ def test_subpath_submit_and_sync_mode_data_uri(http) -> None:
 
 
 def test_status_stream_sends_new_logs_and_ends_after_completed(http) -> None:
-    rid = submit(http, {"prompt": "a star", **CHEAP})["request_id"]
+    ahead = submit(http, {"prompt": "ahead", "num_inference_steps": 100, "num_images": 8, "image_size": "square"})
+    wait_for(lambda: http.get(f"/queue/{APP}/requests/{ahead['request_id']}/status").json()["status"] == "IN_PROGRESS")
+    rid = submit(http, {"prompt": "a star", **CHEAP})["request_id"]  # --max-batch 1: it waits its turn
     events = []
     with http.stream("GET", f"/queue/{APP}/requests/{rid}/status/stream", params={"logs": "1"},
                      headers={"Accept": "application/json, text/event-stream"}) as r:
@@ -116,7 +118,7 @@ def test_status_stream_sends_new_logs_and_ends_after_completed(http) -> None:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
-    assert events[-1]["status"] == "COMPLETED"
+    assert events[0]["status"] == "IN_QUEUE" and events[-1]["status"] == "COMPLETED"
     messages = [m["message"] for e in events for m in (e.get("logs") or [])]
     assert len(messages) == len(set(messages)) and "completed" in messages  # each line once
 
