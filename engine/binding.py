@@ -14,6 +14,7 @@ the next run overwrites them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,16 +32,23 @@ class _Slot:
 
 class BoundSession:
     def __init__(self, session: ort.InferenceSession, device: str = "cpu", device_id: int = 0,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, max_slots: int = 32):
         self.session, self.device, self.device_id, self.cuda_graphs = session, device, device_id, cuda_graphs
         self.output_name = session.get_outputs()[0].name
-        self.slots: dict[tuple, _Slot] = {}
+        # least recently used last out: traffic of many shapes must not hold device buffers for all of them
+        self.slots: OrderedDict[tuple, _Slot] = OrderedDict()
+        self.max_slots = max_slots
+        self._next_graph_id = 1
         self.uploads = 0  # input copies made, for tests and the benchmark
 
     def _slot(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]) -> _Slot:
         key = tuple((name, a.shape, a.dtype.str) for name, a in feeds.items())
         slot = self.slots.get(key)
-        if slot is None:
+        if slot is not None:
+            self.slots.move_to_end(key)
+        else:
+            while len(self.slots) >= self.max_slots:
+                self.slots.popitem(last=False)
             binding = self.session.io_binding()
             inputs = {}
             for name, a in feeds.items():
@@ -49,7 +57,9 @@ class BoundSession:
                 inputs[name] = value
             output = ort.OrtValue.ortvalue_from_shape_and_type(output_shape, np.float32, self.device, self.device_id)
             binding.bind_ortvalue_output(self.output_name, output)
-            slot = self.slots[key] = _Slot(len(self.slots) + 1, binding, inputs, output)
+            # a graph id is never reused: an evicted slot's captured graph must not be replayed with new buffers
+            slot = self.slots[key] = _Slot(self._next_graph_id, binding, inputs, output)
+            self._next_graph_id += 1
         return slot
 
     def run(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]) -> np.ndarray:

@@ -103,7 +103,7 @@ class GenerationRequest:
         if self.scheduler not in SCHEDULERS:
             v.append(("scheduler", f"must be one of {', '.join(SCHEDULERS)}"))
         g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not _finite(g) or not 0 <= g <= MAX_GUIDANCE:
             v.append(("guidance_scale", f"must be a finite number from 0 to {MAX_GUIDANCE:g}"))
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             v.append(("seed", "must be an integer from 0 to 2^63-1"))
@@ -122,6 +122,13 @@ class GenerationRequest:
         if v:
             raise InvalidRequest(v)
         return self
+
+
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
+        return False
 
 
 def _is_int(x: object) -> bool:

@@ -110,6 +110,7 @@ class App:
         self.fal = FalApi(self, config.app_ids)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deliveries: set[asyncio.Task] = set()
+        self._delivering: set[str] = set()
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
 
@@ -220,6 +221,8 @@ class App:
             metrics=self.metrics,
         )
         await asyncio.to_thread(self._recover, engine)
+        if self.draining:  # SIGTERM during recovery: what was recovered stays in the store for the next start
+            return
         self.batcher.start()
         self.engine = engine
         for row in await asyncio.to_thread(self.store.pending_webhooks):
@@ -362,9 +365,12 @@ class App:
             self._loop.call_soon_threadsafe(self._start_delivery, request_id)
 
     def _start_delivery(self, request_id: str) -> None:
+        if request_id in self._delivering:  # scheduled twice (recovery, then the pending list): deliver once
+            return
+        self._delivering.add(request_id)
         task = asyncio.create_task(self._deliver(request_id))
         self._deliveries.add(task)
-        task.add_done_callback(self._deliveries.discard)
+        task.add_done_callback(lambda t: (self._deliveries.discard(t), self._delivering.discard(request_id)))
 
     async def _deliver(self, request_id: str) -> None:
         row = await asyncio.to_thread(self.store.get, request_id)
@@ -428,6 +434,7 @@ class App:
             _, pending = await asyncio.wait(set(self._deliveries), timeout=5.0)
             for task in pending:
                 task.cancel()
+        self.webhooks.executor.shutdown(wait=False, cancel_futures=True)
         for http in (self.http, self.metrics_http):
             if http is not None:
                 await http.stop()

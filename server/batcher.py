@@ -282,7 +282,9 @@ class Batcher:
         self._drop_stopped()
         self._admit()
         group = self._next_group()
-        if group is None:
+        if group is None:  # nothing to step: the budget is held by rows being decoded; wait for one to settle
+            with self._cond:
+                self._cond.wait(0.05)
             return
         items = list(self.groups[group])
         self.current = items
@@ -426,13 +428,12 @@ class Batcher:
         self._finisher.submit(self._finish_now, items)
 
     def _finish_now(self, items: list[WorkItem]) -> None:
-        try:
-            outcomes: list[GenerationResult | BaseException] = list(
-                self.engine.finish([item.generation for item in items]))
-        except Exception as exc:
-            log.exception("finishing failed", extra={"request_id": ",".join(i.id for i in items)})
-            outcomes = [exc] * len(items)
-        for item, outcome in zip(items, outcomes, strict=True):
+        for item in items:  # one at a time: a failure to decode one request is that request's alone
+            try:
+                (outcome,) = self.engine.finish([item.generation])
+            except Exception as exc:
+                log.exception("finishing failed", extra={"request_id": item.id})
+                outcome = exc
             self._settle(item, outcome)
 
     def _fail_running(self, exc: BaseException) -> None:

@@ -128,9 +128,17 @@ class FalApi:
         return JSONResponse(body, status, headers=headers)
 
     async def _input(self, request: Request) -> tuple[GenerationRequest | None, Response | None]:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            return None, JSONResponse({"detail": "the request body is larger than 1 MB"}, 413)
+        too_large = JSONResponse({"detail": "the request body is larger than 1 MB"}, 413)
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            return None, too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():  # bounded whatever Content-Length claimed
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return None, too_large
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw or b"{}")
         except (ValueError, UnicodeDecodeError):

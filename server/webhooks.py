@@ -29,6 +29,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -123,6 +124,8 @@ class WebhookPolicy:
             host, parts = "", None
         if parts is None or parts.scheme not in ("http", "https") or not host:
             return [(FIELD, "must be an absolute http:// or https:// URL")]
+        if not url.isascii():
+            return [(FIELD, "must be ASCII (punycode for the host, percent-encoding for the path)")]
         if host.rstrip(".") in self.hosts:
             return []
         addr = literal_address(host)
@@ -191,10 +194,13 @@ class WebhookSender:
     """Delivers signed POSTs on the event loop's tasks; the blocking HTTP exchange runs in a worker thread."""
 
     def __init__(self, policy: WebhookPolicy, secret: bytes, *, timeout_s: float = 10.0, attempts: int = 5,
-                 backoff_s: float = 1.0, ssl_context: ssl.SSLContext | None = None):
+                 backoff_s: float = 1.0, ssl_context: ssl.SSLContext | None = None, threads: int = 4):
         self.policy, self.secret = policy, secret
         self.timeout_s, self.attempts, self.backoff_s = timeout_s, attempts, backoff_s
         self.ssl_context = ssl_context or ssl.create_default_context()
+        # Deliveries have threads of their own: a slow receiver (or its slow DNS) must not occupy the event loop's
+        # default pool, which the store and the HTTP port use.
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pixart-webhook")
 
     def _post_once(self, delivery: Delivery) -> int:
         host, port, address = self.policy.destination(delivery.url)
@@ -231,7 +237,7 @@ class WebhookSender:
         for attempt in range(1, self.attempts + 1):
             retry = True
             try:
-                status = await asyncio.to_thread(self._post_once, delivery)
+                status = await asyncio.get_running_loop().run_in_executor(self.executor, self._post_once, delivery)
                 if 200 <= status < 300:
                     log.info("webhook delivered", extra={"request_id": delivery.request_id, "attempt": attempt})
                     return True
@@ -241,6 +247,8 @@ class WebhookSender:
                 retry, problem = False, f"refused by the webhook policy: {exc}"
             except (OSError, http.client.HTTPException) as exc:
                 problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+            except ValueError as exc:  # a URL http.client cannot send (stored before the ASCII rule): final
+                retry, problem = False, f"{type(exc).__name__}: {str(exc)[:200]}"
             final = not retry or attempt == self.attempts
             log.warning("webhook attempt failed", extra={"request_id": delivery.request_id, "attempt": attempt,
                                                          "error": problem, "final": final})

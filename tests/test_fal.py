@@ -267,3 +267,12 @@ def test_fal_client_works_by_configuration_alone(server, tls, tmp_path) -> None:
         assert cancelled.state == "CANCELED"
     finally:
         hook.close()
+
+
+def test_oversized_and_overflowing_bodies(http) -> None:
+    big = b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
+    r = http.post(f"/queue/{APP}", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413  # refused on its declared length, before it is read
+    r = http.post(f"/queue/{APP}", content=b'{"prompt": "x", "guidance_scale": 1' + b"0" * 400 + b"}",
+                  headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "guidance_scale"]

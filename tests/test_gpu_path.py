@@ -37,6 +37,18 @@ def test_io_bound_loop_gives_the_same_images_as_plain_runs(engine, bound_engine,
     assert bound_engine.bound_transformer.uploads - before == 2 * 12 + 2 + (before == 0)
 
 
+def test_bound_buffers_are_recycled_least_recently_used(engine, default_export):
+    from engine import Engine
+
+    bound = Engine.load(default_export, io_binding=True)
+    bound.bound_transformer.max_slots = 1
+    for size in ((256, 256), (448, 256), (256, 256)):  # three shape sets through one slot
+        request = GenerationRequest(prompt="a ring", seed=2, num_inference_steps=3, image_size=size)
+        np.testing.assert_array_equal(pixels(bound.generate(request)), pixels(engine.generate(request)))
+        assert len(bound.bound_transformer.slots) == 1
+    assert bound.bound_transformer._next_graph_id == 4  # graph ids are never reused
+
+
 def test_io_bound_loop_with_requests_joining(engine, bound_engine):
     from test_continuous import SCHEDULES, companions, run_schedule
 

@@ -166,6 +166,7 @@ def test_policy_allows_public_and_what_the_operator_opens() -> None:
     opened = WebhookPolicy(["127.0.0.0/8", "Internal.Hooks"])
     assert opened.violations("http://127.0.0.1:9/") == [] and opened.violations("http://internal.hooks/") == []
     assert opened.violations("http://10.0.0.1/")  # only what was opened
+    assert policy.violations("https://example.com/ü")  # http.client cannot send it: refused at Submit
     for url in REFUSED_WEBHOOKS:
         assert policy.violations(url), url
 
