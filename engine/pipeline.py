@@ -105,7 +105,7 @@ class Engine:
         verify_files: bool = False,
         io_binding: bool | None = None,
         acceleration: Acceleration | None = None,
-        max_rows: int = 8,
+        max_rows: int = 16,
     ):
         """`io_binding`: keep the transformer's inputs and output in device buffers between steps (default: on
         when it runs on a GPU). `acceleration`: GPU provider settings (device, CUDA graphs, TensorRT fp16 and

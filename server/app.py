@@ -168,6 +168,8 @@ class App:
             self.http = HttpServer(app, cfg.host, cfg.http_port, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
             await self.http.start()
         await self.server.start()
+        if self.http is not None and not cfg.public_url and cfg.host in ("0.0.0.0", "::", ""):
+            log.warning("result URLs name the bind address, which callers cannot reach: set --public-url")
         self._tasks.append(asyncio.create_task(self._expire_loop()))
         log.info("listening", extra={"port": self.port, "http_port": self.http_port, "tls": bool(cfg.tls_cert)})
 

@@ -136,8 +136,8 @@ class WebhookPolicy:
                             "(the operator can allow one with --webhook-allow)")]
         return []
 
-    def destination(self, url: str) -> tuple[str, int, Address]:
-        """(host, port, address to connect to) for a delivery; raises Refused when no allowed address exists."""
+    def destination(self, url: str) -> tuple[str, int, list[Address]]:
+        """(host, port, the addresses to try in order) for a delivery; raises Refused when any is refused."""
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -148,11 +148,11 @@ class WebhookPolicy:
         if not addresses:
             raise Refused("the host does not resolve")
         if host.rstrip(".") in self.hosts:
-            return host, port, addresses[0]
+            return host, port, addresses
         bad = [a for a in addresses if not self.address_allowed(a)]
         if bad:
             raise Refused(f"the host resolves to a refused address ({bad[0]})")
-        return host, port, addresses[0]
+        return host, port, addresses
 
 
 def signature(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -203,14 +203,25 @@ class WebhookSender:
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pixart-webhook")
 
     def _post_once(self, delivery: Delivery) -> int:
-        host, port, address = self.policy.destination(delivery.url)
+        """One attempt: each checked address in turn until one connects (a dual-stack name may list an address
+        this host cannot route first); the Idempotency-Key makes a repeat harmless."""
+        host, port, addresses = self.policy.destination(delivery.url)
+        error: OSError | None = None
+        for address in addresses:
+            try:
+                return self._post_to(delivery, host, port, str(address))
+            except OSError as exc:
+                error = exc
+        raise error if error is not None else OSError("no address to connect to")
+
+    def _post_to(self, delivery: Delivery, host: str, port: int, address: str) -> int:
         parts = urlsplit(delivery.url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if parts.scheme == "https":
-            conn: http.client.HTTPConnection = _PinnedHTTPSConnection(host, port, str(address), self.timeout_s,
+            conn: http.client.HTTPConnection = _PinnedHTTPSConnection(host, port, address, self.timeout_s,
                                                                       self.ssl_context)
         else:
-            conn = http.client.HTTPConnection(str(address), port, timeout=self.timeout_s)
+            conn = http.client.HTTPConnection(address, port, timeout=self.timeout_s)
         timestamp = str(int(time.time()))
         host_header = f"[{host}]" if ":" in host else host
         if parts.port is not None:

@@ -223,6 +223,11 @@ def test_delivery_checks_the_resolved_address_and_connects_to_it() -> None:
         assert headers["Host"] == f"hooks.test:{receiver.port}" and headers["Idempotency-Key"] == "a" * 32
         assert verify(b"whsec", headers, body) and not verify(b"other", headers, body)
         assert not verify(b"whsec", headers, body + b" ")  # the signature covers the body
+        # a name listing an unroutable address first still gets its delivery, on the next address
+        closed = ipaddress.ip_address("127.0.0.2")  # nothing listens there on this port
+        dual = WebhookPolicy(["127.0.0.0/8"], resolve=lambda host, port: [closed, loopback])
+        assert _deliver(WebhookSender(dual, b"whsec", backoff_s=0.01), f"http://dual.test:{receiver.port}/h")
+        assert len(receiver.calls) == 2
     finally:
         receiver.close()
 
