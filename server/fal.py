@@ -86,6 +86,15 @@ def request_from_json(body: Any) -> tuple[GenerationRequest | None, list[tuple[s
 JSON_NAMES = {str: "string", dict: "{width, height} object", int: "integer", bool: "boolean"}
 
 
+def _app_id(request: Request) -> str:
+    return f"{request.path_params['owner']}/{request.path_params['name']}"
+
+
+def _with_logs(request: Request) -> bool:
+    """fal's JavaScript client sends logs=1|0, its Python client logs=true|false."""
+    return request.query_params.get("logs", "0").lower() in ("1", "true")
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -115,7 +124,7 @@ class FalApi:
         keys = self.app.config.api_keys
         if keys and not key_matches(presented_key(request.headers.get("authorization", "")), keys):
             return JSONResponse({"detail": "a valid API key is required (Authorization: Key <key>)"}, 401)
-        app_id = f"{request.path_params['owner']}/{request.path_params['name']}"
+        app_id = _app_id(request)
         if app_id not in self.app_ids:
             return JSONResponse({"detail": "no such app on this server"}, 404)
         if self.app.engine is None or self.app.draining:
@@ -205,7 +214,7 @@ class FalApi:
     async def submit(self, request: Request) -> Response:
         if (refused := self._refusal(request)) is not None:
             return refused
-        app_id = f"{request.path_params['owner']}/{request.path_params['name']}"
+        app_id = _app_id(request)
         webhook = request.query_params.get("fal_webhook", "")
         violations = self.app.webhook_policy.violations(webhook)
         generation, invalid = await self._input(request)
@@ -238,8 +247,8 @@ class FalApi:
         rid, found, answer = await self._found(request)
         if answer is not None:
             return answer
-        app_id = f"{request.path_params['owner']}/{request.path_params['name']}"
-        with_logs = request.query_params.get("logs", "0").lower() in ("1", "true")
+        app_id = _app_id(request)
+        with_logs = _with_logs(request)
         body, code = self.status_json(request, app_id, found, with_logs)
         return self._answer(body, code, rid)
 
@@ -247,8 +256,8 @@ class FalApi:
         rid, found, answer = await self._found(request)
         if answer is not None:
             return answer
-        app_id = f"{request.path_params['owner']}/{request.path_params['name']}"
-        with_logs = request.query_params.get("logs", "0").lower() in ("1", "true")
+        app_id = _app_id(request)
+        with_logs = _with_logs(request)
 
         async def events():
             sent_logs, last, last_sent = 0, None, time.monotonic()
