@@ -16,8 +16,11 @@ def _export(args: argparse.Namespace) -> None:
     from export.onnx_export import export_model
 
     precisions = [x.strip() for x in args.precision.split(",") if x.strip() and x.strip() != "fp32"]
+    quantized = [q.strip() for q in args.quantize_text_encoder.split(",") if q.strip()]
     manifest = export_model(args.model, args.out, base=args.base, precisions=precisions,
-                            optimize=not args.no_optimize, int8=args.int8, safety_checker=args.safety_checker,
+                            optimize=not args.no_optimize, int8=args.int8,
+                            quantize_text_encoder=quantized,
+                            safety_checker=args.safety_checker,
                             progress=not args.quiet)
     print(f"exported to {manifest.parent} (manifest: {manifest.name})")
 
@@ -93,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "variants beside the fp32 graphs (the VAE decoder stays fp32)")
     p.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's fused graphs")
     p.add_argument("--int8", action="store_true", help="also write an int8-weight transformer graph (variant int8)")
+    p.add_argument("--quantize-text-encoder", default="", metavar="int4,int8",
+                   help="also write T5 with block-wise weight-only quantized MatMuls (variants int4 / int8): "
+                        "T5-XXL in 2.9 / 5.2 GB instead of 19; quantized block by block, in bounded memory")
     p.add_argument("--safety-checker", nargs="?", const="default", default=None, metavar="MODEL",
                    help="export a StableDiffusionSafetyChecker too (e.g. CompVis/stable-diffusion-safety-checker); "
                    "without MODEL, the embedded tiny random-weight one")

@@ -78,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default=str(RESULTS), help="where the JSON, Markdown and PNG go")
     p.add_argument("--tag", default="", help="suffix for the output file names (default: the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--memory", action="store_true",
+                   help="measure peak memory per stage instead (engine memory plans and eager; benchmarks/memory.py)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="cuda: eager diffusers in fp16 on the GPU, the engine on the GPU providers; cpu: both on the "
                    "CPU (fp32 eager); auto: cuda when torch sees a GPU. Variants that need a provider this machine "
@@ -86,8 +88,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add `bench` to the main CLI's subparsers (sets `func`)."""
+    from benchmarks.memory import add_arguments as memory_arguments
+
     p = subparsers.add_parser("bench", help="benchmark the engine against eager diffusers on the same weights")
     add_arguments(p)
+    memory_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -97,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(Path(argv[1]))
     parser = argparse.ArgumentParser(prog="pixart bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    from benchmarks.memory import add_arguments as memory_arguments
+
+    memory_arguments(parser)
     return run(parser.parse_args(argv))
 
 
@@ -132,6 +140,11 @@ def select(only: str, variants: dict[str, dict]) -> tuple[list[str], list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+
+    if getattr(args, "memory", False):
+        from benchmarks.memory import run as run_memory
+
+        return run_memory(args)
 
     from benchmarks.models import cached_export
 

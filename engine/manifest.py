@@ -74,14 +74,30 @@ class Manifest:
     def variants(self) -> list[str]:
         return ["fp32", *self.data.get("variants", {})]
 
-    def files(self, variant: str | None = None) -> tuple[str, dict[str, Path]]:
-        """(variant, component -> path): the named variant's graphs over the plain ones; default "optimized"."""
+    def files(self, variant: str | None = None, overrides: dict[str, str] | None = None
+              ) -> tuple[str, dict[str, Path]]:
+        """(variant, component -> path): the named variant's graphs over the plain ones; default "optimized".
+        `overrides` takes single components from other variants, e.g. {"text_encoder": "int4"}."""
         variants = self.data.get("variants", {})
         variant = variant or ("optimized" if "optimized" in variants else "fp32")
         if variant != "fp32" and variant not in variants:
             raise ManifestError(f"variant: this export has {self.variants()}, not {variant!r}")
         names = {**self.data["files"], **variants.get(variant, {})}
+        for component, other in (overrides or {}).items():
+            if other == "fp32":
+                names[component] = self.data["files"][component]
+            elif component not in variants.get(other, {}):
+                having = [v for v, graphs in variants.items() if component in graphs]
+                raise ManifestError(f"{component}_variant: this export has {component} in {['fp32', *having]}, "
+                                    f"not {other!r} (export it with `pixart export`)")
+            else:
+                names[component] = variants[other][component]
         return variant, {component: self.folder / name for component, name in names.items()}
+
+    def file_bytes(self, path: Path) -> int:
+        """Bytes of a graph with its external weights, as it will be loaded."""
+        data = path.with_name(path.name + ".data")
+        return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]

@@ -34,10 +34,12 @@ from engine.manifest import Manifest
 from engine.positions import sincos_pos_embed
 from engine.request import Cancelled, GeneratedImage, GenerationRequest, GenerationResult, InvalidRequest
 from engine.resolution import classify_bin, resize_and_crop, to_uint8
-from engine.runtime import Acceleration, create_session, device_of, shape_profiles
+from engine.runtime import Acceleration, create_session, device_of, release_freed_memory, shape_profiles
 from engine.safety import SafetyChecker
 from engine.schedulers import Scheduler, make_scheduler
 from engine.text import T5Tokenizer, apply_style, preprocess
+from engine.text_cache import DiskEmbeddingCache, KeyedEmbeddingCache, TieredEmbeddingCache
+from engine.tiling import decode_tiled
 from engine.vocabulary import FLAGGED_IMAGE_MODES, FORMAT_DETAILS
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 # to this many tokens. Padding is masked out (T5: -inf bias, transformer: -10000 bias, both exp() to 0), so
 # trimming changes nothing but the work; a batch pads its rows to the longest member's length, masked the same way.
 TEXT_BUCKET = 32
+TEXT_ENCODER_DEVICES = ("auto", "cpu")
 
 
 @dataclass(eq=False)
@@ -106,16 +109,32 @@ class Engine:
         io_binding: bool | None = None,
         acceleration: Acceleration | None = None,
         max_rows: int = 16,
+        text_encoder_variant: str | None = None,
+        text_encoder_device: str = "auto",
+        text_encoder_resident: bool = True,
+        vae_tile: int | None = None,
+        text_cache_dir: str | Path | None = None,
+        text_cache_disk_mb: float = 1024,
     ):
         """`io_binding`: keep the transformer's inputs and output in device buffers between steps (default: on
         when it runs on a GPU). `acceleration`: GPU provider settings (device, CUDA graphs, TensorRT fp16 and
         caches). `max_rows`: the most transformer rows a step will see (guided images count twice), which sizes
-        TensorRT's optimization profiles."""
+        TensorRT's optimization profiles.
+
+        Memory (what `engine.memory` picks for a budget): `text_encoder_variant` takes T5 alone from another
+        variant (e.g. "int4"); `text_encoder_device` "cpu" runs T5 on the CPU while the rest runs on the GPU;
+        `text_encoder_resident=False` loads T5 for each encode that misses the caches and frees it after;
+        `vae_tile` decodes in tiles of that many pixels (a multiple of 32), blended as diffusers does;
+        `text_cache_dir` keeps T5 outputs on disk too, across restarts, keyed by the T5 graph's hash."""
         if flagged_images not in FLAGGED_IMAGE_MODES:
             raise ValueError(f"flagged_images: one of {FLAGGED_IMAGE_MODES}, not {flagged_images!r}")
+        if text_encoder_device not in TEXT_ENCODER_DEVICES:
+            raise ValueError(f"text_encoder_device: one of {TEXT_ENCODER_DEVICES}, not {text_encoder_device!r}")
         self.manifest = Manifest.load(export_dir, verify=verify_files)
         self.path = self.manifest.folder
-        self.variant, files = self.manifest.files(variant)
+        overrides = {"text_encoder": text_encoder_variant} if text_encoder_variant else None
+        self.variant, files = self.manifest.files(variant, overrides)
+        self.text_encoder_variant = text_encoder_variant or self.variant
         tr = self.manifest["transformer"]
         self.bins = self.manifest["aspect_ratio_bins"]
         self.patch_size = int(tr["config"]["patch_size"])
@@ -135,7 +154,15 @@ class Engine:
             return create_session(files[component], providers, intra_op_threads, graph=component,
                                   acceleration=acceleration, profiles=profiles, **kw)
 
-        self.text_encoder = session("text_encoder")
+        text_providers = ["CPUExecutionProvider"] if text_encoder_device == "cpu" else providers
+
+        def text_encoder_session() -> ort.InferenceSession:
+            # Loaded per encode when not resident: its arena would only hold the peak of a session about to go.
+            return create_session(files["text_encoder"], text_providers, intra_op_threads, graph="text_encoder",
+                                  acceleration=acceleration, profiles=profiles, memory_arena=text_encoder_resident)
+
+        self._text_encoder_session = text_encoder_session
+        self.text_encoder = text_encoder_session() if text_encoder_resident else None
         self.transformer = session("transformer")
         # The VAE's mid-block attention peaks at gigabytes per image at 1024²; an arena would keep that peak
         # resident between requests, so this session allocates and frees per run.
@@ -150,7 +177,16 @@ class Engine:
         )
         self.trim_text = trim_text
         self.guidance_in_one_batch = guidance_in_one_batch
-        self.text_cache = EmbeddingCache(int(text_cache_mb * 2**20))
+        self.text_cache: KeyedEmbeddingCache = EmbeddingCache(int(text_cache_mb * 2**20))
+        if text_cache_dir is not None:
+            hashes = self.manifest.get("hashes", {})
+            entry = hashes.get(files["text_encoder"].name + ".data") or hashes.get(files["text_encoder"].name)
+            key = entry["sha256"] if entry else _file_identity(files["text_encoder"])
+            disk = DiskEmbeddingCache(text_cache_dir, key, int(text_cache_disk_mb * 2**20))
+            self.text_cache = TieredEmbeddingCache(self.text_cache, disk)
+        if vae_tile is not None and (vae_tile <= 0 or vae_tile % (4 * self.vae_scale)):
+            raise ValueError(f"vae_tile: a positive multiple of {4 * self.vae_scale} pixels, not {vae_tile}")
+        self.vae_tile = vae_tile
         self.tokenizer = T5Tokenizer.from_file(files["tokenizer"])
         self.pos_geometry = (float(tr["pos_embed"]["base_size"]), float(tr["pos_embed"]["interpolation_scale"]))
         self.vae_scaling_factor = float(self.manifest["vae"]["scaling_factor"])
@@ -352,12 +388,22 @@ class Engine:
             for n in rows:
                 if truncated[n]:
                     log.warning("prompt longer than %d tokens was truncated: %.80r", self.max_sequence_length, texts[n])
-            fresh = self.text_encoder.run(None, {"input_ids": ids[rows], "attention_mask": mask[rows]})[0]
+            fresh = self._run_text_encoder({"input_ids": ids[rows], "attention_mask": mask[rows]})
             for t, row in zip(todo, fresh, strict=True):
                 found[t] = row
                 self.text_cache.put((t, length), row)
         embeds = np.stack([found[t] for t in texts])
         return embeds, mask
+
+    def _run_text_encoder(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if self.text_encoder is not None:
+            return self.text_encoder.run(None, feeds)[0]
+        session = self._text_encoder_session()
+        try:
+            return session.run(None, feeds)[0]
+        finally:
+            del session
+            release_freed_memory()
 
     def _conditioning(self, generations: Sequence[Generation]) -> tuple[np.ndarray, np.ndarray]:
         """Text states and masks in row order, padded to the longest member; rebuilt only when membership changes."""
@@ -408,8 +454,25 @@ class Engine:
         at 1024², and batching the decoder buys little on top of its convolutions.
         """
         scaled = (latents / np.float32(self.vae_scaling_factor)).astype(np.float32)
-        images = [self.vae_decoder.run(None, {"latents": scaled[i : i + 1]})[0] for i in range(len(scaled))]
+
+        def decode(z: np.ndarray) -> np.ndarray:
+            return self.vae_decoder.run(None, {"latents": z})[0]
+
+        if self.vae_tile:
+            images = [decode_tiled(scaled[i : i + 1], decode, tile=self.vae_tile, scale_factor=self.vae_scale)
+                      for i in range(len(scaled))]
+        else:
+            images = [decode(scaled[i : i + 1]) for i in range(len(scaled))]
+        release_freed_memory()
         return np.concatenate(images)
+
+
+def _file_identity(path: Path) -> str:
+    """Stands in for a hash the manifest lacks: name, size and modification time of the graph's weights."""
+    data = path.with_name(path.name + ".data")
+    target = data if data.exists() else path
+    st = target.stat()
+    return f"{target.name}-{st.st_size}-{st.st_mtime_ns}"
 
 
 def encode_image(pixels: np.ndarray, fmt: str, index: int) -> GeneratedImage:

@@ -102,9 +102,12 @@ def build_default_model(out_dir: str | Path, seed: int = SEED) -> Path:
 
 
 def build_checkpoint(out_dir: str | Path, transformer_config: dict, t5_config: dict, vae_config: dict,
-                     seed: int = SEED) -> Path:
+                     seed: int = SEED, *, seeded_text_encoder: bool = False) -> Path:
     """A seeded random PixArt-Σ-architecture checkpoint with these configs: the default's tokenizer (trained on
-    the shipped corpus), PixArt's scheduler, and every weight drawn in one order from one generator."""
+    the shipped corpus), PixArt's scheduler, and every weight drawn in one order from one generator.
+
+    `seeded_text_encoder`: write T5 as its config and a seed that the exporter draws weights from block by block
+    (export.text_encoder.SeededWeights), instead of weights: T5-XXL without 19 GB of random numbers on disk."""
     import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
@@ -119,8 +122,10 @@ def build_checkpoint(out_dir: str | Path, transformer_config: dict, t5_config: d
     # The embedding table may be wider than the tokenizer (the real one is 32128 rows for 32100 pieces).
     t5_config["vocab_size"] = max(int(t5_config.get("vocab_size", 0)), len(tokenizer))
     g = torch.Generator().manual_seed(seed)
-    text_encoder = T5EncoderModel(T5Config(**t5_config)).eval()
-    randomize(text_encoder, g)
+    text_encoder = None
+    if not seeded_text_encoder:
+        text_encoder = T5EncoderModel(T5Config(**t5_config)).eval()
+        randomize(text_encoder, g)
     transformer = PixArtTransformer2DModel(**transformer_config).eval()
     randomize(transformer, g)
     vae = AutoencoderKL(**vae_config).eval()
@@ -130,4 +135,11 @@ def build_checkpoint(out_dir: str | Path, transformer_config: dict, t5_config: d
         scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    if seeded_text_encoder:
+        from export.text_encoder import write_seeded_text_encoder
+
+        write_seeded_text_encoder(out / "text_encoder", t5_config, seed)
+        index = json.loads((out / "model_index.json").read_text())
+        index["text_encoder"] = ["transformers", "T5EncoderModel"]
+        (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out

@@ -27,6 +27,7 @@ from engine import manifest as manifest_format
 from engine.manifest import sha256
 from engine.vocabulary import MAX_SEQUENCE_LENGTH
 from export.onnx_io import OPSET, export_graph
+from export.text_encoder import QUANTIZATIONS, export_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +35,6 @@ MANIFEST = manifest_format.FILE
 # The 2K transformer repository ships no text encoder, tokenizer or VAE: they come from here
 # (docs/pixart-sigma.md §1.1).
 SIGMA_BASE_COMPONENTS = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
-
-
-class TextEncoderGraph(nn.Module):
-    def __init__(self, text_encoder: nn.Module):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        # fp32 out whatever the weights: the engine's loop stays in fp32
-        return states if states.dtype == torch.float32 else states.float()
 
 
 class TransformerGraph(nn.Module):
@@ -96,36 +86,26 @@ class VaeDecoderGraph(nn.Module):
 
 
 def load_components(model: str | Path, base: str | Path | None = None) -> dict:
-    """Load a diffusers-format PixArt-Σ checkpoint (folder or hub id) component by component, in fp32."""
+    """Load a diffusers-format PixArt-Σ checkpoint (folder or hub id) component by component, in fp32.
+
+    The text encoder is not loaded: it is exported block by block from its folder (export.text_encoder), so that
+    T5-XXL never sits in memory whole."""
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
-    from transformers import T5EncoderModel
+    from transformers import T5Config
 
     model = str(model)
     base = str(base) if base else (model if _has_subfolder(model, "text_encoder") else SIGMA_BASE_COMPONENTS)
     transformer = PixArtTransformer2DModel.from_pretrained(model, subfolder="transformer", torch_dtype=torch.float32)
-    text_encoder = T5EncoderModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch.float32)
+    text_encoder = _subfolder_path(base, "text_encoder")
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
     return {
         "transformer": transformer.eval(),
-        "text_encoder": text_encoder.eval(),
+        "text_encoder": text_encoder,
+        "text_encoder_config": T5Config.from_pretrained(text_encoder),
         "vae": vae.eval(),
         "scheduler_config": _read_config(model if _has_subfolder(model, "scheduler") else base, "scheduler"),
         "tokenizer_dir": _subfolder_path(base, "tokenizer"),
     }
-
-
-def export_text_encoder(text_encoder: nn.Module, path: Path, seq_len: int = 16) -> Path:
-    ids = torch.ones(2, seq_len, dtype=torch.int64)
-    mask = torch.ones(2, seq_len, dtype=torch.int64)
-    return export_graph(
-        TextEncoderGraph(text_encoder),
-        (ids, mask),
-        path,
-        inputs=["input_ids", "attention_mask"],
-        outputs=["last_hidden_state"],
-        dynamic={"input_ids": {0: "batch", 1: "text_len"}, "attention_mask": {0: "batch", 1: "text_len"},
-                 "last_hidden_state": {0: "batch", 1: "text_len"}},
-    )
 
 
 def export_transformer(transformer: nn.Module, path: Path, latent_hw: tuple[int, int] = (16, 24)) -> Path:
@@ -197,6 +177,8 @@ def export_model(
     precisions: tuple[str, ...] | list[str] = (),
     optimize: bool = True,
     int8: bool = False,
+    quantize_text_encoder: tuple[str, ...] | list[str] = (),
+    text_encoder_precision: str = "fp32",
     safety_checker: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
@@ -205,7 +187,10 @@ def export_model(
     Besides the plain fp32 graphs: `optimize` adds ONNX Runtime's fused graphs (variant "optimized", the
     engine's default), `int8` adds an int8-weight transformer graph (variant "int8"), and each of `precisions`
     ("fp16", "bf16") a half-precision text encoder and transformer (variants of those names; see
-    export.precision for what stays fp32).
+    export.precision for what stays fp32). Each of `quantize_text_encoder` ("int4", "int8") adds a text encoder
+    with block-wise weight-only quantized MatMuls (ONNX Runtime's MatMulNBits), under the variant of that name
+    (int8 beside the int8 transformer when both are asked for). `text_encoder_precision` "fp16" writes the plain
+    text encoder graph in fp16 (T5-XXL: 9.5 GB instead of 19; the fp16 variant then shares it).
     `safety_checker`: a StableDiffusionSafetyChecker checkpoint (folder or hub id) to export beside the model,
     or "default" for the embedded tiny one.
     """
@@ -214,10 +199,13 @@ def export_model(
     unknown = [p for p in precisions if p not in HALF]
     if unknown:
         raise ValueError(f"precisions: {unknown} are not among {sorted(HALF)} (fp32 is always exported)")
+    unknown = [q for q in quantize_text_encoder if q not in QUANTIZATIONS]
+    if unknown:
+        raise ValueError(f"quantize_text_encoder: {unknown} are not among {sorted(QUANTIZATIONS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = ["load", "text_encoder", "transformer", "vae_decoder", "tokenizer", "manifest"]
-    steps += ["optimize"] * optimize + ["int8"] * int8 + list(precisions)
+    steps += ["optimize"] * optimize + ["int8"] * int8 + list(precisions) + [f"T5 {q}" for q in quantize_text_encoder]
     steps += ["safety checker"] * bool(safety_checker)
     bar = tqdm(total=len(steps), desc="export", unit="step", disable=not progress)
     started = time.perf_counter()
@@ -232,9 +220,8 @@ def export_model(
         model = build_default_model(out / "checkpoint")
     c = load_components(model, base)
     advance("loaded")
-    files = {
-        "text_encoder": export_text_encoder(c["text_encoder"], out / "text_encoder.onnx"),
-    }
+    files = {"text_encoder": export_text_encoder(c["text_encoder"], out / "text_encoder.onnx",
+                                                 precision=text_encoder_precision)}
     advance("text encoder")
     files["transformer"] = export_transformer(c["transformer"], out / "transformer.onnx")
     advance("transformer")
@@ -246,10 +233,19 @@ def export_model(
     advance("tokenizer")
     variants, fusions = make_variants(c, files, out, optimize, int8, advance)
     precision_notes = {}
+    for name in quantize_text_encoder:
+        q = QUANTIZATIONS[name]
+        variants.setdefault(name, {})["text_encoder"] = export_text_encoder(
+            c["text_encoder"], out / f"text_encoder.{name}.onnx", quantization=q)
+        precision_notes.setdefault(name, {})["text_encoder"] = (
+            f"MatMul weights int{q.bits}, blocks of {q.block_size}, symmetric; accuracy level {q.accuracy_level}; "
+            "the rest fp32")
+        advance(f"T5 {name}")
     for name in precisions:
         from export.precision import export_half
 
-        variants[name], precision_notes[name] = export_half(c, out, name)
+        reuse = files["text_encoder"] if text_encoder_precision == name else None
+        variants[name], precision_notes[name] = export_half(c, out, name, text_encoder=reuse)
         advance(name)
     checker = None
     if safety_checker:
@@ -262,6 +258,7 @@ def export_model(
         advance("safety checker")
     manifest = build_manifest(model, c, files, variants, fusions, checker, precision_notes,
                               time.perf_counter() - started)
+    manifest["text_encoder"]["precision"] = text_encoder_precision
     path = out / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     advance("manifest")
@@ -274,14 +271,14 @@ def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, in
 
     shapes = {
         "transformer": (c["transformer"].config.num_attention_heads, c["transformer"].inner_dim),
-        "text_encoder": (c["text_encoder"].config.num_heads, c["text_encoder"].config.d_model),
+        "text_encoder": (c["text_encoder_config"].num_heads, c["text_encoder_config"].d_model),
     }
     variants: dict[str, dict[str, Path]] = {}
     fusions: dict[str, dict[str, int]] = {}
     if optimize:
         variants["optimized"] = {}
         for name, (heads, hidden) in shapes.items():
-            if files[name].with_name(files[name].name + ".data").exists():
+            if files[name].with_name(files[name].name + ".data").exists():  # past 2 GB
                 # Past 2 GB (T5 from `small` up) ONNX Runtime's offline optimizer holds several copies of the graph
                 # (17.6 GB for the 2.8 GB T5 of `small`); the session still fuses at load, and trimmed text makes
                 # T5 a small share of the time, so the variant keeps the plain graph.
@@ -308,7 +305,7 @@ def build_manifest(
     import onnx
     import transformers
 
-    tr, vae, te = c["transformer"], c["vae"], c["text_encoder"]
+    tr, vae, te = c["transformer"], c["vae"], c["text_encoder_config"]
     base_size, interpolation_scale = pos_embed_geometry(tr)
     hashed = {}
     every_file = list(files.values()) + [f for v in variants.values() for f in v.values()]
@@ -330,7 +327,7 @@ def build_manifest(
             "inner_dim": int(tr.inner_dim),
             "pos_embed": {"base_size": base_size, "interpolation_scale": interpolation_scale},
         },
-        "text_encoder": {"config": _jsonable(te.config.to_dict()), "max_sequence_length": MAX_SEQUENCE_LENGTH},
+        "text_encoder": {"config": _jsonable(te.to_dict()), "max_sequence_length": MAX_SEQUENCE_LENGTH},
         "vae": {
             "config": _jsonable(dict(vae.config)),
             "scaling_factor": float(vae.config.scaling_factor),

@@ -37,18 +37,20 @@ def half_copy(module: nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, ...] 
     return half.eval()
 
 
-def export_half(c: dict, out: Path, name: str) -> tuple[dict[str, Path], dict[str, str]]:
-    """Export `name` ("fp16" or "bf16") text encoder and transformer; return their files and what each holds."""
-    from export.onnx_export import export_text_encoder, export_transformer
+def export_half(c: dict, out: Path, name: str, text_encoder: Path | None = None
+                ) -> tuple[dict[str, Path], dict[str, str]]:
+    """Export `name` ("fp16" or "bf16") text encoder and transformer; return their files and what each holds.
+    `text_encoder`: a graph of this precision already exported (the plain one), used instead of a second copy."""
+    from export.onnx_export import export_transformer
+    from export.text_encoder import export_text_encoder
 
     dtype = HALF[name]
     files: dict[str, Path] = {}
     notes = {"text_encoder": "fp32", "vae_decoder": "fp32"}
     if name in T5_HALF:
-        text_encoder = half_copy(c["text_encoder"], dtype, KEEP_FP32)
-        files["text_encoder"] = export_text_encoder(text_encoder, out / f"text_encoder.{name}.onnx")
+        files["text_encoder"] = text_encoder or export_text_encoder(
+            c["text_encoder"], out / f"text_encoder.{name}.onnx", precision=name)
         notes["text_encoder"] = f"{name}; feed-forward output projections and the residual stream fp32"
-        del text_encoder
     # The patch embedding is a Conv, which ONNX (opset 18) does not define for bf16: it stays fp32 in that variant.
     transformer = half_copy(c["transformer"], dtype, ("pos_embed.proj",) if name == "bf16" else ())
     files["transformer"] = export_transformer(transformer, out / f"transformer.{name}.onnx")

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.memory import PLANS
 from engine.vocabulary import (
     FLAGGED_IMAGE_MODES,
     IMAGE_SIZE_PRESETS,
@@ -151,6 +152,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the safety checker does to a flagged image")
     p.add_argument("--text-cache-mb", type=float, default=_env("text_cache_mb", 256.0, float),
                    help="memory for cached prompt embeddings")
+    p.add_argument("--text-cache-dir", default=_env("text_cache_dir"),
+                   help="also keep prompt embeddings on disk here, across restarts (the edge plans: "
+                        "<store>/text-cache)")
+    p.add_argument("--memory-budget", type=float, default=_env("memory_budget", None, float), metavar="GIB",
+                   help="pick the fastest memory plan whose estimated peak fits this many GiB (default, fp16, edge, "
+                        "edge-int4; see README 'Memory'); the choice is logged")
+    p.add_argument("--memory-plan", choices=PLANS, default=_env("memory_plan"),
+                   help="use this memory plan (edge: fp16 transformer, int8 T5 on the CPU loaded per encode, "
+                        "tiled VAE, embeddings cached on disk)")
     p.add_argument(
         "--store", default=_env("store", "artifacts/store"),
         help="folder of the durable queue (SQLite), stored results and the server's signing keys",
@@ -213,9 +223,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
         max_running_images=args.max_running_images,
         batching=args.batching,
         max_wait_ms=args.max_wait_ms,
-        engine_options={k: v for k, v in {
-            "variant": args.variant, "intra_op_threads": args.intra_op_threads,
-            "flagged_images": args.flagged_images, "text_cache_mb": args.text_cache_mb}.items() if v is not None},
+        engine_options={**memory_options(args), **{k: v for k, v in {
+            "variant": args.variant, "intra_op_threads": args.intra_op_threads, "text_cache_dir": args.text_cache_dir,
+            "flagged_images": args.flagged_images, "text_cache_mb": args.text_cache_mb}.items() if v is not None}},
         store=args.store,
         result_ttl_s=args.result_ttl,
         api_keys=load_keys(args.api_key, args.api_keys_file, os.environ.get("PIXART_API_KEYS", "")),
@@ -226,6 +236,27 @@ def config_from_args(args: argparse.Namespace) -> Any:
         warmup=not args.no_warmup,
         port_file=args.port_file,
     )
+
+
+def memory_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine options of the memory plan asked for (by name or budget), logged; {} when none was asked for."""
+    from engine.manifest import Manifest, ManifestError
+    from engine.memory import make_plan, plan_for_budget
+
+    if args.memory_plan is None and args.memory_budget is None:
+        return {}
+    if args.memory_plan is not None and args.memory_budget is not None:
+        raise SystemExit("--memory-plan and --memory-budget: give one (a budget picks a plan)")
+    if args.variant is not None:
+        raise SystemExit("--variant with a memory plan: the plan picks the graphs; drop one of them")
+    try:
+        manifest = Manifest.load(args.engine)
+        plan = make_plan(manifest, args.memory_plan) if args.memory_plan else plan_for_budget(manifest,
+                                                                                             args.memory_budget)
+    except (ManifestError, ValueError) as exc:
+        raise SystemExit(f"memory plan: {exc}") from None
+    log.info("memory: %s", plan.describe())
+    return plan.engine_options(Path(args.store) / "text-cache")
 
 
 async def serve(config: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import onnxruntime as ort
@@ -28,7 +29,10 @@ def components(default_checkpoint):
 
 @pytest.mark.parametrize("batch,length", [(1, 300), (2, 17), (3, 1)])
 def test_text_encoder_matches_t5(default_export, components, batch, length):
-    te = components["text_encoder"]
+    """The graph is stitched block by block (export.text_encoder); transformers' whole encoder is the reference."""
+    from transformers import T5EncoderModel
+
+    te = T5EncoderModel.from_pretrained(components["text_encoder"], torch_dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(batch * 1000 + length)
     ids = torch.randint(2, te.config.vocab_size, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.int64)
@@ -116,12 +120,13 @@ def test_manifest_holds_what_the_runtime_needs(default_export):
 @pytest.mark.slow
 def test_export_at_real_dimensions(tmp_path, monkeypatch):
     """A 1152-wide transformer with 16 heads of 72 and a 4096-wide T5 (one layer each, random weights) export,
-    load and match torch; the T5 graph goes through the external-data path."""
+    load and match torch; the T5 graph's weights stream to its `.data` file."""
     from diffusers import PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     import export.onnx_export as ox
     import export.onnx_io
+    from export.text_encoder import export_text_encoder
 
     torch.manual_seed(0)
     tr = PixArtTransformer2DModel(
@@ -133,7 +138,9 @@ def test_export_at_real_dimensions(tmp_path, monkeypatch):
     # T5 (~0.9 GB) goes external, the transformer does not
     monkeypatch.setattr(export.onnx_io, "EXTERNAL_DATA_THRESHOLD", 500_000_000)
     ox.export_transformer(tr, tmp_path / "transformer.onnx")
-    ox.export_text_encoder(te, tmp_path / "text_encoder.onnx")
+    te.save_pretrained(tmp_path / "t5")
+    export_text_encoder(tmp_path / "t5", tmp_path / "text_encoder.onnx")
+    shutil.rmtree(tmp_path / "t5")
     assert (tmp_path / "text_encoder.onnx.data").stat().st_size > 500_000_000
     assert (tmp_path / "text_encoder.onnx").stat().st_size < 10_000_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text_encoder.onnx", "text_encoder.onnx.data",
