@@ -1,4 +1,5 @@
-"""Graph variants made after export: ONNX Runtime's offline transformer fusions, and int8 weights.
+"""Graph variants made after export: ONNX Runtime's offline transformer fusions, int8 weights with dynamically
+quantized activations, and block-wise weight-only int8/int4 (MatMulNBits).
 
 Each variant is a separate graph set listed in the manifest, so the engine (and the benchmark) can pick any of them
 and the plain fp32 graphs stay available for runtimes that lack ONNX Runtime's contrib operators.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -43,6 +45,44 @@ def fuse(path: Path, out: Path, component: str, num_heads: int, hidden_size: int
     save_model(optimized.model, out, external)
     counts = Counter(n.op_type for n in optimized.model.graph.node)
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
+
+
+@dataclass(frozen=True)
+class WeightOnly:
+    """Block-wise weight-only quantization of the MatMul weights (ONNX Runtime's MatMulNBits, CPU and CUDA).
+
+    `accuracy_level` 4 lets the CPU kernel multiply in int8 (activations quantized per block on the fly): 3x faster
+    int8 encodes on CPU for a small extra error (see benchmarks/quantization.py for the figures)."""
+
+    bits: int
+    block_size: int
+    accuracy_level: int = 4
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+
+QUANTIZATIONS = {"int4": WeightOnly(4, 32), "int8": WeightOnly(8, 128)}
+
+
+def weight_only(part: onnx.ModelProto, q: WeightOnly) -> onnx.ModelProto:
+    """`part` with its constant-weight MatMuls replaced by MatMulNBits (in memory: give it one block of T5, or
+    a graph under 2 GB)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per op
+    config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=True,
+                                          accuracy_level=q.accuracy_level, bits=q.bits)
+    quantizer = MatMulNBitsQuantizer(part, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def quantize_weights(path: Path, out: Path, q: WeightOnly) -> Path:
+    """Weight-only quantization of a whole graph file (under 2 GB: the transformer), activations untouched."""
+    save_model(weight_only(onnx.load(str(path)), q), out, external=False)
+    return out
 
 
 def quantize_int8(path: Path, out: Path) -> Path:

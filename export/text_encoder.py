@@ -22,10 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -34,6 +32,7 @@ from onnx import TensorProto
 from torch import nn
 
 from export.onnx_io import EXTERNAL_DATA_THRESHOLD, OPSET
+from export.optimize import WeightOnly, weight_only
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +43,6 @@ SEEDED_WEIGHTS_FILE = "seeded_weights.json"
 INLINE_BYTES = 1024  # tensors up to this size stay inside the graph file
 # What the installed ONNX Runtime reads (onnx writes newer IR versions by default than ORT 1.2x loads).
 IR_VERSION = 10
-
-
-@dataclass(frozen=True)
-class WeightOnly:
-    """Block-wise weight-only quantization of the MatMul weights (ONNX Runtime's MatMulNBits, CPU and CUDA).
-
-    `accuracy_level` 4 lets the CPU kernel multiply in int8 (activations quantized per block on the fly): 3x faster
-    int8 encodes on CPU for a small extra error (see benchmarks/quantization.py for the figures)."""
-
-    bits: int
-    block_size: int
-    accuracy_level: int = 4
-
-    @property
-    def name(self) -> str:
-        return f"int{self.bits}"
-
-
-QUANTIZATIONS = {"int4": WeightOnly(4, 32), "int8": WeightOnly(8, 128)}
 
 
 # ---- where the weights come from ----------------------------------------------------------------------------------
@@ -213,17 +193,6 @@ def _trace(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str]
         return onnx.load(str(path))
 
 
-def _quantize(part: onnx.ModelProto, q: WeightOnly) -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per op
-    config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=True,
-                                          accuracy_level=q.accuracy_level, bits=q.bits)
-    quantizer = MatMulNBitsQuantizer(part, algo_config=config)
-    quantizer.process()
-    return quantizer.model.model
-
-
 class _GraphWriter:
     """Appends traced parts to one graph, renaming their inner names and streaming their weights to `.data`."""
 
@@ -333,27 +302,8 @@ def export_text_encoder(weights_folder: str | Path, path: Path, *, precision: st
                 rename = {"hidden": last, "attention_bias": "attention_bias", "hidden_out": following}
                 last = following
                 if quantization is not None:
-                    part = _quantize(part, quantization)
+                    part = weight_only(part, quantization)
             del module
             writer.append(name, part, rename)
             del part
     return writer.finish(inputs, outputs)
-
-
-def parameter_count(config) -> int:
-    """Parameters of the T5 encoder with this config (for sizes in reports)."""
-    d, f, h, k = config.d_model, config.d_ff, config.num_heads, config.d_kv
-    gated = 3 if config.is_gated_act else 2
-    block = 4 * d * h * k + gated * d * f + 2 * d
-    return config.vocab_size * d + config.num_layers * block + d + h * config.relative_attention_num_buckets
-
-
-def expected_bytes(config, precision: str, quantization: WeightOnly | None) -> int:
-    """Rough weight bytes of an exported text encoder (the `.data` file), for memory planning."""
-    n = parameter_count(config)
-    if quantization is None:
-        return n * (2 if precision == "fp16" else 4)
-    matmul = config.num_layers * (4 * config.d_model * config.num_heads * config.d_kv
-                                  + (3 if config.is_gated_act else 2) * config.d_model * config.d_ff)
-    per_weight = quantization.bits / 8 + 4 / quantization.block_size
-    return math.ceil(matmul * per_weight + (n - matmul) * 4)

@@ -207,3 +207,20 @@ def test_int8_transformer_runs_close_to_fp32(default_export, tmp_path):
     out = _session(q).run(None, feeds)[0]
     cosine = float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out))
     assert cosine > 0.99 and not np.array_equal(out, ref)
+
+
+def test_text_encoder_exports_from_a_sharded_checkpoint(default_checkpoint, default_export, tmp_path):
+    """Real T5 checkpoints come in shards with an index: read tensor by tensor, the same graph comes out."""
+    from transformers import T5EncoderModel
+
+    from export.text_encoder import export_text_encoder
+
+    t5 = T5EncoderModel.from_pretrained(default_checkpoint / "text_encoder", torch_dtype=torch.float32)
+    t5.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    graph = export_text_encoder(tmp_path / "sharded", tmp_path / "text_encoder.onnx")
+    feeds = {"input_ids": np.arange(2, 26, dtype=np.int64).reshape(2, 12), "attention_mask": np.ones((2, 12), np.int64)}
+    feeds["attention_mask"][1, 7:] = 0
+    out = _session(graph).run(None, feeds)[0]
+    np.testing.assert_array_equal(out, _session(default_export / "text_encoder.onnx").run(None, feeds)[0])
