@@ -69,7 +69,7 @@ class CheckpointWeights:
         return self._where[name].get_tensor(name)
 
     def load(self, module: nn.Module, prefix: str) -> nn.Module:
-        module.load_state_dict({k: self.tensor(prefix + k) for k in module.state_dict()})
+        module.load_state_dict({k: self.tensor(prefix + k) for k in module.state_dict()}, assign=True)
         return module
 
 
@@ -86,6 +86,7 @@ class SeededWeights:
     def load(self, module: nn.Module, prefix: str) -> nn.Module:
         from export.seeded import randomize
 
+        module.to_empty(device="cpu")
         part = int.from_bytes(hashlib.sha256(f"{self.seed}/{prefix}".encode()).digest()[:7], "big")
         randomize(module, torch.Generator().manual_seed(part))
         return module
@@ -109,7 +110,7 @@ def write_seeded_text_encoder(folder: Path, config: dict, seed: int) -> Path:
 # ---- the parts ---------------------------------------------------------------------------------------------------
 
 class Head(nn.Module):
-    def __init__(self, config, dtype: torch.dtype):
+    def __init__(self, config):
         super().__init__()
         from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -117,7 +118,6 @@ class Head(nn.Module):
         self.attention = T5Attention(config, has_relative_attention_bias=True)
         for unused in ("q", "k", "v", "o"):  # only the relative position bias table is needed here
             setattr(self.attention, unused, nn.Identity())
-        self.dtype = dtype
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.embed_tokens(input_ids)
@@ -159,7 +159,8 @@ def _parts(weights, precision: str) -> Iterator[tuple[str, Callable[[], nn.Modul
         return half_copy(module, torch.float16, KEEP_FP32) if half else module.eval()
 
     def head() -> nn.Module:
-        h = Head(config, torch.float16 if half else torch.float32)
+        with torch.device("meta"):  # no initialisation: the weights are loaded right after
+            h = Head(config)
         weights.load(h.embed_tokens, "shared.")
         weights.load(h.attention.relative_attention_bias,
                      "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.")
@@ -168,14 +169,16 @@ def _parts(weights, precision: str) -> Iterator[tuple[str, Callable[[], nn.Modul
     yield "head", head
     for i in range(config.num_layers):
         def block(i: int = i) -> nn.Module:
-            b = T5Block(config, has_relative_attention_bias=False, layer_idx=i)
+            with torch.device("meta"):
+                b = T5Block(config, has_relative_attention_bias=False, layer_idx=i)
             return in_precision(Block(weights.load(b, f"encoder.block.{i}.")))
 
         yield f"block{i}", block
 
     def tail() -> nn.Module:
-        return in_precision(Tail(weights.load(T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon),
-                                              "encoder.final_layer_norm.")))
+        with torch.device("meta"):
+            norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        return in_precision(Tail(weights.load(norm, "encoder.final_layer_norm.")))
 
     yield "tail", tail
 
