@@ -68,8 +68,9 @@ def _engine_side(spec: dict) -> dict:
     from engine import Engine, GenerationRequest
     from engine.manifest import Manifest
     from engine.memory import make_plan
+    from engine.runtime import provider_device
 
-    plan = make_plan(Manifest.load(spec["export"]), spec["side"])
+    plan = make_plan(Manifest.load(spec["export"]), spec["side"], provider_device())
     stages = Stages()
     with tempfile.TemporaryDirectory() as cache:
         engine = stages.run("load", lambda: Engine.load(spec["export"], **plan.engine_options(cache)))
@@ -84,8 +85,8 @@ def _engine_side(spec: dict) -> dict:
         stages.run("denoising", denoise)
         stages.run("decoding", lambda: engine.finish([g]))
         after = round(_status("VmRSS") / MIB, 1)
-    return {"resident_after_request_mib": after,"plan": plan.describe(), "estimated_gib": {k: round(v / 2**30, 2) for k, v in plan.stages.items()},
-            "peaks_mib": stages.peaks, "seconds": stages.seconds}
+    return {"plan": plan.describe(), "estimated_gib": {k: round(v / 2**30, 2) for k, v in plan.stages.items()},
+            "peaks_mib": stages.peaks, "seconds": stages.seconds, "resident_after_request_mib": after}
 
 
 def _eager_side(spec: dict) -> dict:
@@ -146,6 +147,23 @@ def measure(spec: dict) -> dict:
         return json.loads(out.read_text())
 
 
+def _exceeds_machine(export: Path, side: str) -> str | None:
+    """Why an engine side is not run here (its estimated peak passes 90% of this machine's memory), or None:
+    running it would only measure the out-of-memory killer."""
+    if side.startswith("eager"):
+        return None
+    from engine.manifest import Manifest
+    from engine.memory import make_plan
+    from engine.runtime import provider_device
+
+    plan = make_plan(Manifest.load(export), side, provider_device())
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if plan.peak > 0.9 * total:
+        return (f"estimated peak {plan.peak / 2**30:.1f} GiB ({plan.describe()}) passes this machine's "
+                f"{total / 2**30:.0f} GiB: not run")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from benchmarks.bench import command_line, machine_info, versions
     from benchmarks.models import cached_export
@@ -162,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
             if side.startswith("eager") and args.config == "full":
                 rows[side] = {"skipped": "the full model's T5-XXL is drawn from a seed at export: diffusers has no "
                                          "weights to load"}
+                continue
+            too_big = _exceeds_machine(export, side)
+            if too_big:
+                rows[side] = {"skipped": too_big}
                 continue
             spec = {"side": side, "size": size, "steps": args.steps, "export": str(export),
                     "checkpoint": str(checkpoint)}

@@ -6,7 +6,8 @@ takes the fastest one whose estimated peak fits:
 
     default    the export's default graphs, everything resident
     fp16       fp16 transformer and T5, everything resident
-    edge       fp16 transformer; T5 int8 weight-only (fp16 where not exported), on the CPU, loaded for an encode
+    edge       fp16 transformer (the plain one on a CPU); T5 int8 weight-only (fp16 where not exported), on the CPU,
+               loaded for an encode
                that misses the caches and freed after; T5 outputs cached on disk; the VAE decodes in 512-pixel
                tiles; guided requests run their two halves as two transformer calls (half the attention scores)
     edge-int4  edge with the int4 T5
@@ -24,6 +25,7 @@ from pathlib import Path
 from engine.manifest import Manifest, ManifestError
 
 PLANS = ("default", "fp16", "edge", "edge-int4")
+DEVICES = ("cuda", "cpu")
 VAE_TILE = 512
 GIB = 2**30
 # Activation bytes per stage, measured at real dimensions on ONNX Runtime's CPU provider (benchmarks/memory.py):
@@ -76,10 +78,17 @@ def _variant_with(manifest: Manifest, component: str, *preferred: str) -> str | 
     return next((v for v in preferred if component in variants.get(v, {})), None)
 
 
-def make_plan(manifest: Manifest, name: str) -> MemoryPlan:
-    """The plan `name` for this export, its stages estimated; ManifestError when the export lacks its graphs."""
+def make_plan(manifest: Manifest, name: str, device: str = "cuda") -> MemoryPlan:
+    """The plan `name` for this export on `device` ("cuda" or "cpu"), its stages estimated; ManifestError when the
+    export lacks its graphs.
+
+    On the CPU provider the transformer stays in its plain graph in every plan: ONNX Runtime has no fp16 MatMul on
+    x86 CPUs and widens fp16 weights to fp32 at load, so fp16 saves nothing there and costs both copies while
+    loading (measured: a 192 MB fp16 graph held 399 MB once loaded)."""
     if name not in PLANS:
         raise ValueError(f"memory plan: one of {PLANS}, not {name!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device: one of {DEVICES}, not {device!r}")
     missing = []
     if name != "default" and "fp16" not in manifest.get("variants", {}):
         missing.append("--precision fp16")
@@ -90,22 +99,34 @@ def make_plan(manifest: Manifest, name: str) -> MemoryPlan:
     if missing:
         raise ManifestError(f"plan {name} needs graphs this export lacks: export with `pixart export "
                             f"{' '.join(missing)}`")
+    transformer = "fp16" if device == "cuda" else "fp32"
     if name == "default":
         plan = MemoryPlan(name)
     elif name == "fp16":
         plan = MemoryPlan(name, variant="fp16")
     else:
-        plan = MemoryPlan(name, variant="fp16", text_encoder_variant=t5, text_encoder_device="cpu",
+        plan = MemoryPlan(name, variant=transformer, text_encoder_variant=t5, text_encoder_device="cpu",
                           text_encoder_resident=False, vae_tile=VAE_TILE, text_cache_on_disk=True,
                           guidance_in_one_batch=False)
-    return MemoryPlan(**{**plan.__dict__, "stages": estimate(manifest, plan)})
+    return MemoryPlan(**{**plan.__dict__, "stages": estimate(manifest, plan, device)})
 
 
-def estimate(manifest: Manifest, plan: MemoryPlan) -> dict[str, int]:
+def _is_half(manifest: Manifest, component: str, variant: str) -> bool:
+    if component == "text_encoder" and variant not in ("int4", "int8"):
+        return variant == "fp16" or manifest["text_encoder"].get("precision") == "fp16"
+    return component == "transformer" and variant == "fp16"
+
+
+def estimate(manifest: Manifest, plan: MemoryPlan, device: str = "cuda") -> dict[str, int]:
     """Peak bytes per stage ("text_encoding", "denoising", "decoding") of one guided image at the largest bin."""
     overrides = {"text_encoder": plan.text_encoder_variant} if plan.text_encoder_variant else None
-    _, files = manifest.files(plan.variant, overrides)
-    weights = {c: manifest.file_bytes(files[c]) for c in ("text_encoder", "transformer", "vae_decoder")}
+    variant, files = manifest.files(plan.variant, overrides)
+    chosen = {"text_encoder": plan.text_encoder_variant or variant, "transformer": variant, "vae_decoder": variant}
+    weights = {}
+    for c, v in chosen.items():
+        on_cpu = device == "cpu" or (c == "text_encoder" and plan.text_encoder_device == "cpu")
+        widened = on_cpu and _is_half(manifest, c, v)  # fp16 weights become fp32 on the CPU provider
+        weights[c] = manifest.file_bytes(files[c]) * (2 if widened else 1)
     tr = manifest["transformer"]
     scale, patch = int(manifest["vae"]["scale_factor"]), int(tr["config"]["patch_size"])
     heads = int(tr["config"]["num_attention_heads"])
@@ -124,12 +145,12 @@ def estimate(manifest: Manifest, plan: MemoryPlan) -> dict[str, int]:
     }
 
 
-def plan_for_budget(manifest: Manifest, budget_gib: float) -> MemoryPlan:
+def plan_for_budget(manifest: Manifest, budget_gib: float, device: str = "cuda") -> MemoryPlan:
     """The first plan of PLANS (fastest first) this export supports whose estimated peak fits `budget_gib`."""
     considered = []
     for name in PLANS:
         try:
-            plan = make_plan(manifest, name)
+            plan = make_plan(manifest, name, device)
         except ManifestError:
             continue
         if plan.peak <= budget_gib * GIB:

@@ -175,6 +175,12 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+def provider_device(providers: list[str] | tuple[str, ...] | None = None) -> str:
+    """"cuda" when the first provider (of these, or of the defaults) runs on the GPU, else "cpu"."""
+    first = (providers or default_providers())[0]
+    return "cuda" if first in (CUDA, TENSORRT) else "cpu"
+
+
 def device_of(session: ort.InferenceSession) -> str:
     """"cuda" when the session's first provider runs on the GPU, else "cpu" (where IO binding binds host memory)."""
     return "cuda" if session.get_providers()[0] in (CUDA, TENSORRT) else "cpu"

@@ -242,6 +242,7 @@ def memory_options(args: argparse.Namespace) -> dict[str, Any]:
     """Engine options of the memory plan asked for (by name or budget), logged; {} when none was asked for."""
     from engine.manifest import Manifest, ManifestError
     from engine.memory import make_plan, plan_for_budget
+    from engine.runtime import provider_device
 
     if args.memory_plan is None and args.memory_budget is None:
         return {}
@@ -249,10 +250,11 @@ def memory_options(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--memory-plan and --memory-budget: give one (a budget picks a plan)")
     if args.variant is not None:
         raise SystemExit("--variant with a memory plan: the plan picks the graphs; drop one of them")
+    device = provider_device([p.strip() for p in args.providers.split(",")] if args.providers else None)
     try:
         manifest = Manifest.load(args.engine)
-        plan = make_plan(manifest, args.memory_plan) if args.memory_plan else plan_for_budget(manifest,
-                                                                                             args.memory_budget)
+        plan = make_plan(manifest, args.memory_plan, device) if args.memory_plan \
+            else plan_for_budget(manifest, args.memory_budget, device)
     except (ManifestError, ValueError) as exc:
         raise SystemExit(f"memory plan: {exc}") from None
     log.info("memory: %s", plan.describe())

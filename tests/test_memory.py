@@ -98,6 +98,11 @@ def test_plans_pick_the_documented_parts(frugal_export):
             edge.vae_tile, edge.text_cache_on_disk, edge.guidance_in_one_batch) == \
         ("fp16", "int8", "cpu", False, 512, True, False)
     assert plans["edge-int4"].text_encoder_variant == "int4"
+    # on the CPU provider fp16 weights are widened to fp32 at load: the plans keep the plain transformer there,
+    # and fp16 graphs are estimated at twice their size
+    assert make_plan(manifest, "edge", "cpu").variant == "fp32"
+    fp16_cpu = make_plan(manifest, "fp16", "cpu")
+    assert fp16_cpu.stages["text_encoding"] > plans["fp16"].stages["text_encoding"]
     # T5 not resident: the denoising stage does not carry it
     assert edge.stages["denoising"] < plans["fp16"].stages["denoising"]
     assert plan_for_budget(manifest, 1000).name == "default"
