@@ -163,8 +163,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "tiled VAE, embeddings cached on disk)")
     p.add_argument(
         "--store", default=_env("store", "artifacts/store"),
-        help="folder of the durable queue (SQLite), stored results and the server's signing keys",
+        help="the durable queue: a folder (SQLite, one server: queue, result images, signing keys) or a "
+        "postgresql://user@host/db URL that several replicas share (PIXART_STORE; keep the password out of the "
+        "command line: PGPASSWORD or a Kubernetes Secret into PIXART_STORE)",
     )
+    p.add_argument(
+        "--results", default=_env("results"),
+        help="folder of result images; default <store>/results with SQLite; required with PostgreSQL, on a "
+        "filesystem every replica mounts (a ReadWriteMany volume)",
+    )
+    p.add_argument("--lease", type=float, default=_env("lease", 30.0, float),
+                   help="seconds a replica's claim on a request lasts without renewal (renewed every --poll-interval):"
+                        " how long the work of a replica that died waits before another takes it")
+    p.add_argument("--poll-interval", type=float, default=_env("poll_interval", 0.25, float),
+                   help="seconds between a replica's claims, lease renewals and checks for cancels sent elsewhere")
+    p.add_argument("--replica-id", default=_env("replica_id"),
+                   help="this replica's name in the store's claims (default host-pid-random)")
     p.add_argument(
         "--result-ttl",
         type=float,
@@ -204,6 +218,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
+    from .store import is_database_url
+
+    if is_database_url(args.store) and not args.results:
+        raise SystemExit("--results: a PostgreSQL store needs a results folder that every replica shares")
+    if args.lease <= 3 * args.poll_interval:
+        raise SystemExit("--lease must be more than 3 x --poll-interval (a claim is renewed every poll)")
     return ServerConfig(
         engine=args.engine,
         host=args.host,
@@ -227,6 +247,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
             "variant": args.variant, "intra_op_threads": args.intra_op_threads, "text_cache_dir": args.text_cache_dir,
             "flagged_images": args.flagged_images, "text_cache_mb": args.text_cache_mb}.items() if v is not None}},
         store=args.store,
+        results=args.results,
+        lease_s=args.lease,
+        poll_s=args.poll_interval,
+        replica_id=args.replica_id,
         result_ttl_s=args.result_ttl,
         api_keys=load_keys(args.api_key, args.api_keys_file, os.environ.get("PIXART_API_KEYS", "")),
         tls_cert=args.tls_cert,
@@ -256,7 +280,14 @@ def memory_options(args: argparse.Namespace) -> dict[str, Any]:
     except (ManifestError, ValueError) as exc:
         raise SystemExit(f"memory plan: {exc}") from None
     log.info("memory: %s", plan.describe())
-    return plan.engine_options(Path(args.store) / "text-cache")
+    return plan.engine_options(Path(_local_folder(args)) / "text-cache")
+
+
+def _local_folder(args: argparse.Namespace) -> str:
+    """A folder for this server's own files: the store folder, or with PostgreSQL the results folder."""
+    from .store import is_database_url
+
+    return (args.results or ".") if is_database_url(args.store) else args.store
 
 
 async def serve(config: Any) -> None:
@@ -281,7 +312,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import setup_logging
 
     setup_logging(args.log_level, args.log_format == "json")
-    asyncio.run(serve(config_from_args(args)))
+    from .store import SchemaTooNew
+
+    try:
+        asyncio.run(serve(config_from_args(args)))
+    except SchemaTooNew as exc:  # a newer server migrated the store: refuse clearly, change nothing
+        raise SystemExit(f"error: {exc}") from None
     return 0
 
 
