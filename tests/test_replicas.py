@@ -140,3 +140,16 @@ def test_a_replica_older_than_the_schema_refuses_clearly(tmp_path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "newer than this server's" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_scale_out_benchmark_runs_and_reports(tmp_path) -> None:
+    """The harness behind the README's scale-out figures, on a tiny load (no figure is asserted)."""
+    pytest.importorskip("pgserver")
+    from benchmarks import replicas
+
+    assert replicas.main(["--engine", str(export_dir()), "--replicas", "1", "--requests", "2", "--steps", "1",
+                          "--calls", "5", "--claim-rows", "10", "--claimers", "2", "--out-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "replicas.json").read_text())
+    assert [r["replicas"] for r in report["throughput"]] == [1] and report["throughput"][0]["requests_per_s"] > 0
+    assert set(report["store_overhead"]) == {"sqlite", "postgresql"} and report["claims"]["claims_per_s"] > 0
+    assert "requests/s" in (tmp_path / "replicas.md").read_text()
