@@ -84,7 +84,8 @@ def _engine_side(spec: dict) -> dict:
         stages.run("denoising", denoise)
         stages.run("decoding", lambda: engine.finish([g]))
         after = round(_status("VmRSS") / MIB, 1)
-    return {"resident_after_request_mib": after,"plan": plan.describe(), "estimated_gib": {k: round(v / 2**30, 2) for k, v in plan.stages.items()},
+    return {"resident_after_request_mib": after, "plan": plan.describe(),
+            "estimated_gib": {k: round(v / 2**30, 2) for k, v in plan.stages.items()},
             "peaks_mib": stages.peaks, "seconds": stages.seconds}
 
 
