@@ -80,7 +80,9 @@ class ServerConfig:
     # Engine.load keywords: variant ("optimized", "fp32", "int8"), intra_op_threads, flagged_images, text_cache_mb
     engine_options: dict[str, Any] = field(default_factory=dict)
     store: str = "artifacts/store"  # a folder (SQLite) or a postgresql:// URL shared by replicas
-    results: str | None = None  # folder of result images; default <store>/results (SQLite); shared by replicas
+    results: str | None = None  # folder or s3://bucket/prefix of result images; default <store>/results (SQLite)
+    s3_endpoint_url: str | None = None  # an S3-compatible server (MinIO...); default: AWS S3 (boto3's own config)
+    s3_region: str | None = None  # the bucket's region; default: boto3's own config
     lease_s: float = 30.0  # how long a claim lasts without renewal: a dead replica's work waits this long
     poll_s: float = 0.25  # how often a replica claims work, renews leases and looks for cancels sent elsewhere
     replica_id: str | None = None  # this replica's name in the store's claims; default host-pid-random
@@ -109,7 +111,8 @@ class App:
         self.batcher: Batcher | None = None
         self.draining = False
         self.metrics = Metrics()
-        self.store = st.open_store(config.store, config.results)
+        self.store = st.open_store(config.store, config.results,
+                                   s3={"endpoint_url": config.s3_endpoint_url, "region": config.s3_region})
         self.replica = config.replica_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -197,16 +200,21 @@ class App:
         return self.http.port if self.http else None
 
     def result_url(self, request_id: str, file_name: str) -> str:
-        """A signed URL for one stored image, valid for result_url_ttl_s from now."""
+        """The one place that decides a result URL's form: the object store's presigned URL where results live in
+        one, else this server's own signed /results URL; either valid for result_url_ttl_s from now."""
+        external = self.store.results.url(request_id, file_name, self.config.result_url_ttl_s)
+        if external is not None:
+            return external
         scheme = "https" if self.http is not None and self.http.tls else "http"
         base = self.config.public_url or (f"{scheme}://{self.config.host}:{self.http_port}" if self.http else "")
         return self.signer.url(base, request_id, file_name)
 
-    async def _servable_result(self, request_id: str, file_name: str) -> Path | None:
+    async def _servable_result(self, request_id: str, file_name: str) -> Path | str | None:
         return await asyncio.to_thread(self._result_file, request_id, file_name)
 
-    def _result_file(self, request_id: str, file_name: str) -> Path | None:
-        """The file only if a COMPLETED request with sync_mode=false names it: sync results never have a URL."""
+    def _result_file(self, request_id: str, file_name: str) -> Path | str | None:
+        """The file (or, in object storage, a fresh presigned URL to redirect to) only if a COMPLETED request with
+        sync_mode=false names it: sync results never have a URL."""
         row = self.store.get(request_id)
         if row is None or row.state != st.COMPLETED or not row.result:
             return None
@@ -215,7 +223,8 @@ class App:
             return None
         if file_name not in {img.file_name for img in pb.GenerateResult.FromString(row.result).images}:
             return None
-        return self.store.image_path(request_id, file_name)
+        return self.store.results.url(request_id, file_name, self.config.result_url_ttl_s) or \
+            self.store.image_path(request_id, file_name)
 
     async def load_engine(self) -> None:
         cfg = self.config
@@ -375,8 +384,7 @@ class App:
         sync = request.sync_mode if request.HasField("sync_mode") else True
         for img in result.images:
             if sync:
-                path = self.store.image_path(row.id, img.file_name)
-                img.file_data = path.read_bytes() if path else b""
+                img.file_data = self.store.image_bytes(row.id, img.file_name) or b""
             else:
                 img.url = self.result_url(row.id, img.file_name)
         return result

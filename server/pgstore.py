@@ -17,7 +17,7 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from .store import FolderResults, SchemaTooNew, SqlStore
+from .store import Results, SchemaTooNew, SqlStore, open_results
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -63,9 +63,9 @@ class PostgresStore(SqlStore):
     _for_update = " FOR UPDATE"
     _skip_locked = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, url: str, results: str | Path, *, min_connections: int = 1, max_connections: int = 8):
+    def __init__(self, url: str, results: str | Path | Results, *, min_connections: int = 1, max_connections: int = 8):
         self.url = url
-        self.results = FolderResults(results)
+        self.results = open_results(results)
         # the pool never logs or raises the URL (it carries the password); a bad one fails here, at startup
         self._pool = ConnectionPool(url, min_size=min_connections, max_size=max_connections, open=False,
                                     kwargs={"autocommit": True}, name="pixart-store")

@@ -4,6 +4,8 @@ SqliteStore (`--store DIR`, the embedded default): one process owns the folder: 
 server's signing keys (*.key), and results/<request_id>/<file_name> unless `--results` names another folder.
 PostgresStore (`--store postgresql://...`, server/pgstore.py): any number of replicas share one database; the
 keys live in it, result images in the shared `--results` folder (a ReadWriteMany volume on Kubernetes).
+Either keeps its images in a folder (FolderResults) or in S3-compatible object storage (`--results s3://bucket/prefix`,
+S3Results in server/s3results.py); the rest of the server sees only the Results interface.
 
 Both run the same SQL (written here with `?` placeholders) and keep the same promises:
 - A Submit is acknowledged only after its row is committed, so a request the server said yes to survives kill -9;
@@ -35,7 +37,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .states import TERMINAL, State
 
@@ -91,6 +93,24 @@ class Row:
     seq: int = 0
 
 
+class Results(Protocol):
+    """Where result images are kept. Every method refuses (None, or ValueError for write) a request id that is not
+    of the issued format and a file name the engine would not make, before it touches storage."""
+
+    def write(self, request_id: str, images: Sequence[tuple[str, bytes]]) -> None:
+        """Each image atomically (a reader sees all of it or none); raises if one cannot be written."""
+
+    def read(self, request_id: str, file_name: str) -> bytes | None: ...
+
+    def url(self, request_id: str, file_name: str, ttl_s: float) -> str | None:
+        """A URL of the storage itself that clients may fetch for ttl_s, or None: the server serves the file."""
+
+    def path(self, request_id: str, file_name: str) -> Path | None:
+        """A local file the server can send, or None (none there, or not kept in a filesystem)."""
+
+    def delete(self, request_id: str) -> None: ...
+
+
 class FolderResults:
     """Result images in a folder, one sub-folder per request: local, or shared by replicas (NFS, RWX volume)."""
 
@@ -100,6 +120,8 @@ class FolderResults:
 
     def write(self, request_id: str, images: Sequence[tuple[str, bytes]]) -> None:
         """Each file atomically (a reader sees all of it or none)."""
+        if not is_request_id(request_id):
+            raise ValueError("result folders are named by issued request ids only")
         folder = self.root / request_id
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in images:
@@ -120,6 +142,13 @@ class FolderResults:
             return None
         return path
 
+    def read(self, request_id: str, file_name: str) -> bytes | None:
+        path = self.path(request_id, file_name)
+        return path.read_bytes() if path is not None else None
+
+    def url(self, request_id: str, file_name: str, ttl_s: float) -> str | None:
+        return None  # a folder has no URL of its own: the server signs and serves /results/...
+
     def delete(self, request_id: str) -> None:
         if is_request_id(request_id):
             shutil.rmtree(self.root / request_id, ignore_errors=True)
@@ -132,7 +161,7 @@ class SqlStore:
     _for_update = ""  # row locks, where the database has them (SQLite locks the whole file instead)
     _skip_locked = ""
     SCHEMA_VERSION = 0
-    results: FolderResults
+    results: Results
 
     # -- what a backend provides ----------------------------------------------------------------------------
     def _sql(self, sql: str) -> str:
@@ -194,6 +223,9 @@ class SqlStore:
 
     def image_path(self, request_id: str, file_name: str) -> Path | None:
         return self.results.path(request_id, file_name)
+
+    def image_bytes(self, request_id: str, file_name: str) -> bytes | None:
+        return self.results.read(request_id, file_name)
 
     # -- claims ---------------------------------------------------------------------------------------------
     def claim(self, owner: str, limit: int, lease_s: float, now: float | None = None) -> list[Row]:
@@ -367,10 +399,10 @@ class SqliteStore(SqlStore):
     backend = "sqlite"
     SCHEMA_VERSION = len(_SQLITE_MIGRATIONS)
 
-    def __init__(self, folder: str | Path, results: str | Path | None = None):
+    def __init__(self, folder: str | Path, results: str | Path | Results | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.results = FolderResults(results if results is not None else self.folder / "results")
+        self.results = open_results(results if results is not None else self.folder / "results")
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.folder / "requests.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -446,15 +478,30 @@ def is_database_url(store: str) -> bool:
     return str(store).startswith(("postgresql://", "postgres://"))
 
 
-def open_store(store: str | Path, results: str | Path | None = None, **options: Any) -> SqlStore:
-    """`--store`: a folder (SQLite) or a postgresql:// URL (results then need a shared `--results` folder)."""
+def open_results(results: str | Path | Results, **s3: Any) -> Results:
+    """`--results`: a folder, or s3://bucket/prefix (`s3`: S3Results' endpoint_url, region); an opened one as is."""
+    if not isinstance(results, (str, Path)):
+        return results
+    if str(results).startswith("s3://"):
+        from .s3results import S3Results  # boto3 is needed only by those who ask for object storage
+
+        return S3Results(str(results), **s3)
+    return FolderResults(results)
+
+
+def open_store(store: str | Path, results: str | Path | Results | None = None, *, s3: dict | None = None,
+               **options: Any) -> SqlStore:
+    """`--store`: a folder (SQLite) or a postgresql:// URL (results then need a shared `--results`: a folder every
+    replica mounts, or s3://). `s3`: options of an s3:// results location."""
+    opened = open_results(results, **(s3 or {})) if results else None
     if is_database_url(str(store)):
-        if not results:
-            raise ValueError("--results: a PostgreSQL store needs a results folder that every replica shares")
+        if opened is None:
+            raise ValueError("--results: a PostgreSQL store needs results that every replica shares (a folder or "
+                             "s3://bucket/prefix)")
         from .pgstore import PostgresStore  # psycopg is needed only by those who ask for PostgreSQL
 
-        return PostgresStore(str(store), results, **options)
-    return SqliteStore(store, results)
+        return PostgresStore(str(store), opened, **options)
+    return SqliteStore(store, opened)
 
 
 def _row(r: tuple) -> Row:
