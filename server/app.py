@@ -1,7 +1,13 @@
-"""The server's lifecycle: bind, load and warm the engine, recover the durable queue, serve, drain, stop.
+"""The server's lifecycle: bind, load and warm the engine, work the durable queue, serve, drain, stop.
 
 Health says NOT_SERVING from the moment the port is open until the engine is loaded and warmed up, and again
 from the first moment of draining; calls that need the engine get UNAVAILABLE meanwhile.
+
+The durable queue lives in the store, which several replicas may share (PostgreSQL). Every replica runs the same
+loop: claim the oldest queued requests while its batcher has room for them, renew the leases of what it holds
+(recording progress, and hearing of cancels sent to other replicas), hand back what it has not started when it
+drains. Status, Result and Cancel answer from the store for requests that run elsewhere, so any replica answers
+for any request. A replica that dies stops renewing; its requests are claimed again once their leases run out.
 """
 
 from __future__ import annotations
@@ -9,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +28,14 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.request import GenerationRequest, GenerationResult, InvalidRequest
+from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
 from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
 
 from . import convert
 from . import store as st
 from .auth import ApiKeyInterceptor
-from .batcher import Batcher, Engine, ShutdownAbort, WorkItem
+from .batcher import Batcher, Draining, Engine, QueueFull, ShutdownAbort, WorkItem
 from .fal import FalApi
 from .guard import DecodeGuard
 from .http import HttpServer, ResultSigner, build_app
@@ -70,7 +79,13 @@ class ServerConfig:
     batching: str = "continuous"  # or "request": a batch forms while idle and runs to its end
     # Engine.load keywords: variant ("optimized", "fp32", "int8"), intra_op_threads, flagged_images, text_cache_mb
     engine_options: dict[str, Any] = field(default_factory=dict)
-    store: str = "artifacts/store"
+    store: str = "artifacts/store"  # a folder (SQLite) or a postgresql:// URL shared by replicas
+    results: str | None = None  # folder or s3://bucket/prefix of result images; default <store>/results (SQLite)
+    s3_endpoint_url: str | None = None  # an S3-compatible server (MinIO...); default: AWS S3 (boto3's own config)
+    s3_region: str | None = None  # the bucket's region; default: boto3's own config
+    lease_s: float = 30.0  # how long a claim lasts without renewal: a dead replica's work waits this long
+    poll_s: float = 0.25  # how often a replica claims work, renews leases and looks for cancels sent elsewhere
+    replica_id: str | None = None  # this replica's name in the store's claims; default host-pid-random
     result_ttl_s: float = 24 * 3600.0
     api_keys: list[str] = field(default_factory=list)
     tls_cert: str | None = None
@@ -96,7 +111,9 @@ class App:
         self.batcher: Batcher | None = None
         self.draining = False
         self.metrics = Metrics()
-        self.store = st.Store(config.store)
+        self.store = st.open_store(config.store, config.results,
+                                   s3={"endpoint_url": config.s3_endpoint_url, "region": config.s3_region})
+        self.replica = config.replica_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.http: HttpServer | None = None
@@ -113,6 +130,11 @@ class App:
         self._delivering: set[str] = set()
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
+        self._claiming = asyncio.Lock()  # one claim at a time; drain waits for the one under way
+        self._wake = asyncio.Event()
+        # a delivery claim lasts beyond every attempt and backoff, so that only a dead deliverer's is taken over
+        self._webhook_lease_s = (config.webhook_attempts * (config.webhook_timeout_s + 1)
+                                 + config.webhook_backoff_s * 2 ** config.webhook_attempts + 60)
 
     # -- start ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,16 +200,21 @@ class App:
         return self.http.port if self.http else None
 
     def result_url(self, request_id: str, file_name: str) -> str:
-        """A signed URL for one stored image, valid for result_url_ttl_s from now."""
+        """The one place that decides a result URL's form: the object store's presigned URL where results live in
+        one, else this server's own signed /results URL; either valid for result_url_ttl_s from now."""
+        external = self.store.results.url(request_id, file_name, self.config.result_url_ttl_s)
+        if external is not None:
+            return external
         scheme = "https" if self.http is not None and self.http.tls else "http"
         base = self.config.public_url or (f"{scheme}://{self.config.host}:{self.http_port}" if self.http else "")
         return self.signer.url(base, request_id, file_name)
 
-    async def _servable_result(self, request_id: str, file_name: str) -> Path | None:
+    async def _servable_result(self, request_id: str, file_name: str) -> Path | str | None:
         return await asyncio.to_thread(self._result_file, request_id, file_name)
 
-    def _result_file(self, request_id: str, file_name: str) -> Path | None:
-        """The file only if a COMPLETED request with sync_mode=false names it: sync results never have a URL."""
+    def _result_file(self, request_id: str, file_name: str) -> Path | str | None:
+        """The file (or, in object storage, a fresh presigned URL to redirect to) only if a COMPLETED request with
+        sync_mode=false names it: sync results never have a URL."""
         row = self.store.get(request_id)
         if row is None or row.state != st.COMPLETED or not row.result:
             return None
@@ -196,7 +223,8 @@ class App:
             return None
         if file_name not in {img.file_name for img in pb.GenerateResult.FromString(row.result).images}:
             return None
-        return self.store.image_path(request_id, file_name)
+        return self.store.results.url(request_id, file_name, self.config.result_url_ttl_s) or \
+            self.store.image_path(request_id, file_name)
 
     async def load_engine(self) -> None:
         cfg = self.config
@@ -222,13 +250,14 @@ class App:
             on_finish=self._on_finish,
             metrics=self.metrics,
         )
-        await asyncio.to_thread(self._recover, engine)
-        if self.draining:  # SIGTERM during recovery: what was recovered stays in the store for the next start
+        if isinstance(self.store, st.SqliteStore):
+            await asyncio.to_thread(self.store.forget_claims)
+        if self.draining:  # SIGTERM while starting: the store keeps the queue for the next start
             return
         self.batcher.start()
         self.engine = engine
-        for row in await asyncio.to_thread(self.store.pending_webhooks):
-            self._schedule_webhook(row.id)
+        await self._claim()
+        self._tasks.append(asyncio.create_task(self._work_loop()))
         if not self.draining:
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -236,37 +265,85 @@ class App:
         if cfg.port_file:
             Path(cfg.port_file).write_text(json.dumps({"port": self.port, "http_port": self.http_port}))
 
-    def _recover(self, engine: Engine) -> None:
-        """Put the durable requests that were queued or running at the last stop back in the queue, in order."""
-        rows = self.store.unfinished()
+    # -- the shared queue: claims, leases, cancels from elsewhere ---------------------------------------------
+    async def _claim(self) -> None:
+        """Take as many queued requests as the batcher has room to start soon (max_batch waiting here at most),
+        so that the rest stay in the shared queue for other replicas."""
+        async with self._claiming:
+            if self.draining or self.batcher is None:
+                return
+            room = min(self.config.max_batch, self.config.max_queue) - len(self.batcher.pending)
+            if room <= 0:
+                return
+            rows = await asyncio.to_thread(self.store.claim, self.replica, room, self.config.lease_s)
+            if rows:
+                await asyncio.to_thread(self._take, rows)
+
+    def _take(self, rows: list[st.Row]) -> None:
+        """Queue claimed requests here: cancelled ones end, ones the engine now refuses fail visibly."""
         for row in rows:
-            if row.cancel_requested:  # cancelled while it ran, then the server died: it never runs again
-                self.cancel_stored(row)
+            job = WorkItem(convert.request_from_proto(pb.GenerateRequest.FromString(row.request)), durable=True,
+                           request_bytes=row.request, webhook_url=row.webhook_url, id=row.id, claim=row.attempt)
+            if row.cancel_requested:  # cancelled while queued elsewhere or while a replica that died ran it
+                self.batcher.complete(job, Cancelled())
                 continue
-            msg = pb.GenerateRequest.FromString(row.request)
-            request = convert.request_from_proto(msg)
-            job = WorkItem(request, durable=True, request_bytes=row.request, webhook_url=row.webhook_url, id=row.id)
-            if row.state == st.IN_PROGRESS:
-                self.store.requeue(row.id)
-            violations = engine.violations(request)
+            violations = self.batcher.engine.violations(job.request)
             if violations:  # the engine changed under a stored request: it fails, visibly
-                self._on_finish(job, st.FAILED, InvalidRequest(violations))
+                self.batcher.complete(job, InvalidRequest(violations))
                 continue
-            job.add_log("recovered after a server restart")
+            if row.attempt > 1:
+                job.add_log("recovered: it was claimed before by a replica that stopped (a server restart)")
+                log.info("recovered", extra={"request_id": row.id, "attempt": row.attempt})
             self.batcher.submit(job, force=True)
-        if rows:
-            log.info("recovered durable requests", extra={"count": len(rows)})
+
+    async def _renew(self) -> None:
+        """Keep the leases of what runs or waits here, publish its progress, and stop what was cancelled through
+        another replica (or what this replica lost: its lease ran out and someone else took it)."""
+        mine = [item for item in list(self.batcher.items.values()) if item.durable]
+        if not mine:
+            return
+        progress = {item.id: item.progress for item in mine if item.state == st.IN_PROGRESS}
+        held, cancelled = await asyncio.to_thread(self.store.renew, self.replica, self.config.lease_s, progress)
+        for item in mine:
+            if item.id in cancelled:
+                self.batcher.cancel(item.id)
+            elif item.id not in held and self.batcher.items.get(item.id) is item:
+                log.warning("lost the claim (lease ran out); stopping", extra={"request_id": item.id})
+                self.batcher.cancel(item.id)
+
+    async def _work_loop(self) -> None:
+        """Every poll_s: claim, renew; now and then look for undelivered webhooks and the shared queue's depth."""
+        next_sweep = 0.0
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.poll_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._claim()
+                await self._renew()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + max(1.0, min(10.0, self.config.lease_s / 3))
+                    self.metrics.store_queue_depth.set(await asyncio.to_thread(self.store.queued))
+                    for row in await asyncio.to_thread(self.store.pending_webhooks):
+                        self._schedule_webhook(row.id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database may be away for a moment: keep trying, the leases say what is whose
+                log.exception("queue work failed")
 
     # -- the worker thread's callbacks ----------------------------------------------------------------------
     def _on_start(self, jobs: list[WorkItem]) -> None:
         for job in jobs:
-            if job.durable:
-                self.store.set_running(job.id)
+            if job.durable and not self.store.set_running(job.id, self.replica, job.claim):
+                log.warning("lost the claim before it started; stopping", extra={"request_id": job.id})
+                job.cancel_requested = True
 
     def _on_finish(self, job: WorkItem, state: str, outcome: BaseException | None = None) -> None:
         outcome = outcome if outcome is not None else job.outcome
         if isinstance(outcome, ShutdownAbort) and job.durable:
-            return  # left IN_PROGRESS in the store: it runs again at the next start
+            return  # left IN_PROGRESS in the store and handed back by drain(): it runs again, here or elsewhere
         self.metrics.outcomes.labels(state).inc()
         result_bytes = error_bytes = None
         images: list[tuple[str, bytes]] = []
@@ -282,15 +359,20 @@ class App:
         else:
             error_bytes = convert.outcome_status(outcome).SerializeToString()
         if job.durable or images:
-            self.store.finish(
+            recorded = self.store.finish(
                 job.id,
                 state,
                 request=job.request_bytes or convert.request_to_proto(job.request).SerializeToString(),
+                owner=self.replica if job.durable else None,
+                attempt=job.claim,
                 result=result_bytes,
                 images=images,
                 error=error_bytes,
                 logs=job.logs,
             )
+            if not recorded:  # another replica took the request over (or it ended): its outcome is the one kept
+                log.warning("outcome refused: the claim was lost", extra={"request_id": job.id, "state": state})
+                return
         log.info("ended", extra={"request_id": job.id, "state": state, "queue_s": round(job.queue_s, 4)})
         if job.webhook_url:
             self._schedule_webhook(job.id)
@@ -302,35 +384,39 @@ class App:
         sync = request.sync_mode if request.HasField("sync_mode") else True
         for img in result.images:
             if sync:
-                path = self.store.image_path(row.id, img.file_name)
-                img.file_data = path.read_bytes() if path else b""
+                img.file_data = self.store.image_bytes(row.id, img.file_name) or b""
             else:
                 img.url = self.result_url(row.id, img.file_name)
         return result
 
-    def cancel_stored(self, row: st.Row) -> None:
-        self.store.finish(row.id, st.CANCELED, request=row.request, logs=row.logs)
-        if row.webhook_url:
-            self._schedule_webhook(row.id)
-
     # -- the durable queue, as every transport sees it -----------------------------------------------------
     async def submit(self, request: GenerationRequest, webhook_url: str = "", origin: str = "grpc",
                      request_bytes: bytes | None = None) -> tuple[str, int]:
-        """Store, then queue a validated request; (id, queue position). Raises QueueFull or Draining (nothing
-        stays stored then). The row is committed before the id is returned and before the worker can start it."""
+        """Store a validated request in the shared queue; (id, queue position). Raises QueueFull (max_queue
+        requests wait in the store) or Draining. The row is committed before the id is returned; this replica
+        then claims work at once if it has room (whichever replica has room runs it)."""
+        if self.draining or self.batcher is None:
+            raise Draining()
         data = request_bytes or convert.request_to_proto(request).SerializeToString()
-        item = WorkItem(request, durable=True, request_bytes=data, webhook_url=webhook_url)
-        await asyncio.to_thread(self.store.add, item.id, data, webhook_url, origin)
-        try:
-            position = self.batcher.submit(item)
-        except Exception:
-            await asyncio.to_thread(self.store.delete, item.id)
-            raise
-        log.info("accepted", extra={"request_id": item.id, "origin": origin})
-        return item.id, position
+        request_id = st.new_request_id()
+
+        def add() -> None:
+            if self.store.queued() >= self.config.max_queue:
+                raise QueueFull()
+            self.store.add(request_id, data, webhook_url, origin)
+
+        await asyncio.to_thread(add)
+        log.info("accepted", extra={"request_id": request_id, "origin": origin})
+        await self._claim()
+        item = self.batcher.items.get(request_id)
+        position = self.batcher.position(item) if item is not None else None
+        if position is None:
+            position = 0 if item is not None else await asyncio.to_thread(self.store.position, request_id)
+        return request_id, position
 
     async def lookup(self, request_id: str) -> Lookup | None:
-        """Where a request is: live in the batcher, or in the store; None when unknown or expired."""
+        """Where a request is: live in this replica's batcher, or in the store (wherever it runs); None when
+        unknown or expired."""
         item = self.batcher.items.get(request_id) if self.batcher else None
         if item is not None and item.state in (st.IN_QUEUE, st.IN_PROGRESS):
             position = self.batcher.position(item) if item.state == st.IN_QUEUE else None
@@ -338,12 +424,17 @@ class App:
         row = await asyncio.to_thread(self.store.get, request_id)
         if row is None:
             return None
+        if row.state == st.IN_QUEUE:
+            position = await asyncio.to_thread(self.store.position, request_id)
+            return Lookup(row.id, row.state, position, (0, 0), row.logs)
+        if row.state == st.IN_PROGRESS:
+            return Lookup(row.id, row.state, 0, row.progress, row.logs)
         error = status_pb2.Status.FromString(row.error) if row.error else None
         return Lookup(row.id, row.state, 0, (0, 0), row.logs, error, row)
 
     async def cancel(self, request_id: str) -> str:
-        """"queued" (it will not run), "running" (it stops at its next step, and stays cancelled across a
-        crash), "ended" (already in a final state) or "unknown"."""
+        """"queued" (it will not run), "running" (it stops at its next step, here or on the replica that runs
+        it, and stays cancelled across a crash), "ended" (already in a final state) or "unknown"."""
         item = self.batcher.items.get(request_id) if self.batcher else None
         if item is not None and item.durable:
             # committed before the answer: a crash after "cancellation requested" must not run it again
@@ -356,9 +447,17 @@ class App:
             return "unknown"
         if row.state in st.TERMINAL:
             return "ended"
-        # stored as queued but not scheduled in this process (starting up or draining): cancel it in the store
-        await asyncio.to_thread(self.cancel_stored, row)
-        return "queued"
+        # not here: the flag first, so that whichever replica holds or next claims it sees it
+        if not await asyncio.to_thread(self.store.request_cancel, request_id):
+            return "ended"
+        line = {"message": "canceled", "level": "INFO", "timestamp": time.time()}
+        if await asyncio.to_thread(self.store.cancel_queued, request_id, [*row.logs, line]):
+            self.metrics.outcomes.labels(st.CANCELED).inc()
+            if row.webhook_url:
+                self._schedule_webhook(request_id)
+            return "queued"
+        self._wake.set()
+        return "running"
 
     # -- webhooks -------------------------------------------------------------------------------------------
     def _schedule_webhook(self, request_id: str) -> None:
@@ -375,6 +474,9 @@ class App:
         task.add_done_callback(lambda t: (self._deliveries.discard(t), self._delivering.discard(request_id)))
 
     async def _deliver(self, request_id: str) -> None:
+        claimed = await asyncio.to_thread(self.store.claim_webhook, request_id, self.replica, self._webhook_lease_s)
+        if not claimed:  # delivered, or being delivered by another replica
+            return
         row = await asyncio.to_thread(self.store.get, request_id)
         if row is None or not row.webhook_url or row.webhook_done:
             return
@@ -413,16 +515,23 @@ class App:
         self.draining = True
         log.info("draining", extra={"grace_s": self.config.grace_s})
         await self.health.enter_graceful_shutdown()
+        async with self._claiming:  # a claim under way lands before the queue is handed back
+            pass
         if self.batcher is not None:
+            unstarted = []
             for job in self.batcher.stop_accepting():
                 if job.durable:
-                    continue  # still IN_QUEUE in the store: the next start runs it
+                    unstarted.append(job.id)  # still IN_QUEUE in the store
+                    continue
                 self.batcher.complete(job, ShutdownAbort())
+            # handed back now, not when their leases run out: another replica (or the next start) runs them
+            await asyncio.to_thread(self.store.release, self.replica, unstarted)
             finished = await asyncio.to_thread(self.batcher.wait_idle, self.config.grace_s)
             if not finished:
                 log.warning("grace period over; stopping the running batch")
                 self.batcher.abort_running()
                 await asyncio.to_thread(self.batcher.wait_idle, 30.0)
+            await asyncio.to_thread(self.store.release, self.replica)  # what the grace period stopped
         await self.stop()
 
     async def stop(self) -> None:

@@ -79,6 +79,7 @@ class WorkItem:
     durable: bool = False
     request_bytes: bytes = b""  # the original proto, kept for the store
     webhook_url: str = ""
+    claim: int = 0  # durable: the attempt number of this replica's claim on it (the store's fencing token)
     deadline: float | None = None  # time.monotonic() after which the work stops
     id: str = field(default_factory=new_request_id)
     group: Hashable = None  # requests of one group (size bin) can share a step

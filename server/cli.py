@@ -163,8 +163,32 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "tiled VAE, embeddings cached on disk)")
     p.add_argument(
         "--store", default=_env("store", "artifacts/store"),
-        help="folder of the durable queue (SQLite), stored results and the server's signing keys",
+        help="the durable queue: a folder (SQLite, one server: queue, result images, signing keys) or a "
+        "postgresql://user@host/db URL that several replicas share (PIXART_STORE; keep the password out of the "
+        "command line: PGPASSWORD or a Kubernetes Secret into PIXART_STORE)",
     )
+    p.add_argument(
+        "--results", default=_env("results"),
+        help="where result images go: a folder (default <store>/results with SQLite; with PostgreSQL one every "
+        "replica mounts, a ReadWriteMany volume) or s3://bucket/prefix (S3-compatible object storage; clients get "
+        "presigned URLs; needs the [s3] extra; credentials from the standard AWS chain). Required with PostgreSQL",
+    )
+    p.add_argument(
+        "--s3-endpoint-url",
+        # the AWS SDKs' own variables too, read here so that path-style addressing follows from them (see S3Results)
+        default=_env("s3_endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        help="an S3-compatible server for s3:// results, e.g. http://minio:9000 (PIXART_S3_ENDPOINT_URL, "
+        "AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL); default AWS S3",
+    )
+    p.add_argument("--s3-region", default=_env("s3_region"),
+                   help="the bucket's region for s3:// results (default: AWS_REGION / the AWS config)")
+    p.add_argument("--lease", type=float, default=_env("lease", 30.0, float),
+                   help="seconds a replica's claim on a request lasts without renewal (renewed every --poll-interval):"
+                        " how long the work of a replica that died waits before another takes it")
+    p.add_argument("--poll-interval", type=float, default=_env("poll_interval", 0.25, float),
+                   help="seconds between a replica's claims, lease renewals and checks for cancels sent elsewhere")
+    p.add_argument("--replica-id", default=_env("replica_id"),
+                   help="this replica's name in the store's claims (default host-pid-random)")
     p.add_argument(
         "--result-ttl",
         type=float,
@@ -204,6 +228,22 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
+    from .store import is_database_url
+
+    if is_database_url(args.store) and not args.results:
+        raise SystemExit("--results: a PostgreSQL store needs results every replica shares (a folder they all "
+                         "mount, or s3://bucket/prefix)")
+    from .s3results import MAX_PRESIGN_S, is_s3_url
+
+    if is_s3_url(args.results):
+        import importlib.util
+
+        if importlib.util.find_spec("boto3") is None:
+            raise SystemExit("--results s3://...: boto3 is not installed (pip install 'pixart-sigma-serve[s3]')")
+        if args.result_url_ttl > MAX_PRESIGN_S:
+            raise SystemExit(f"--result-url-ttl: presigned S3 URLs last at most {MAX_PRESIGN_S} s (7 days)")
+    if args.lease <= 3 * args.poll_interval:
+        raise SystemExit("--lease must be more than 3 x --poll-interval (a claim is renewed every poll)")
     return ServerConfig(
         engine=args.engine,
         host=args.host,
@@ -227,6 +267,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
             "variant": args.variant, "intra_op_threads": args.intra_op_threads, "text_cache_dir": args.text_cache_dir,
             "flagged_images": args.flagged_images, "text_cache_mb": args.text_cache_mb}.items() if v is not None}},
         store=args.store,
+        results=args.results,
+        s3_endpoint_url=args.s3_endpoint_url,
+        s3_region=args.s3_region,
+        lease_s=args.lease,
+        poll_s=args.poll_interval,
+        replica_id=args.replica_id,
         result_ttl_s=args.result_ttl,
         api_keys=load_keys(args.api_key, args.api_keys_file, os.environ.get("PIXART_API_KEYS", "")),
         tls_cert=args.tls_cert,
@@ -258,7 +304,18 @@ def memory_options(args: argparse.Namespace) -> dict[str, Any]:
     except (ManifestError, ValueError) as exc:
         raise SystemExit(f"memory plan: {exc}") from None
     log.info("memory: %s", plan.describe())
-    return plan.engine_options(Path(args.store) / "text-cache")
+    return plan.engine_options(Path(_local_folder(args)) / "text-cache")
+
+
+def _local_folder(args: argparse.Namespace) -> str:
+    """A folder for this server's own files: the store folder, or with PostgreSQL the results folder (the working
+    folder when results are in object storage)."""
+    from .s3results import is_s3_url
+    from .store import is_database_url
+
+    if not is_database_url(args.store):
+        return args.store
+    return "." if is_s3_url(args.results) or not args.results else args.results
 
 
 async def serve(config: Any) -> None:
@@ -283,7 +340,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import setup_logging
 
     setup_logging(args.log_level, args.log_format == "json")
-    asyncio.run(serve(config_from_args(args)))
+    from .s3results import ResultsUnavailable
+    from .store import SchemaTooNew
+
+    try:
+        asyncio.run(serve(config_from_args(args)))
+    except (SchemaTooNew, ResultsUnavailable) as exc:  # refuse clearly at startup, change nothing
+        raise SystemExit(f"error: {exc}") from None
     return 0
 
 

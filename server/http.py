@@ -7,6 +7,10 @@ can be handed to a browser and stops working when it expires. With API keys conf
 also opens any result, without a signature. Before any file is touched the id must have the issued format, the file
 name the engine's format, the request must be COMPLETED with `sync_mode=false`, and its result must name that file;
 nothing else in the store folder (the database, keys) has a route.
+
+With results in object storage the same checks run, then the answer is a 307 to a fresh presigned URL of the object
+rather than the bytes: the server never carries image bytes it does not have to (clients normally get the presigned
+URL directly; this route answers URLs and API-key fetches that name the server).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from urllib.parse import quote
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from .auth import key_matches, presented_key
@@ -62,13 +66,14 @@ class ResultSigner:
 def build_app(
     *,
     signer: ResultSigner | None,
-    result_file: Callable[[str, str], Awaitable[Path | None]] | None,
+    result_file: Callable[[str, str], Awaitable[Path | str | None]] | None,
     keys: list[str],
     render_metrics: Callable[[], bytes] | None,
     healthy: Callable[[], bool],
     fal: FalApi | None = None,
 ) -> Starlette:
-    """The routes this port serves: results (when `signer`), /metrics (when `render_metrics`), /healthz, and fal's
+    """The routes this port serves: results (when `signer`; `result_file` gives a file to send, a URL to redirect
+    to, or None), /metrics (when `render_metrics`), /healthz, and fal's
     queue protocol (when `fal`)."""
 
     def key_ok(request: Request) -> bool:
@@ -87,6 +92,8 @@ def build_app(
         path = await result_file(request_id, file_name)
         if path is None:
             return PlainTextResponse("not found\n", 404)
+        if isinstance(path, str):  # a presigned URL carries its own expiry: nothing here may cache the redirect
+            return RedirectResponse(path, 307, headers={"Cache-Control": "no-store"})
         kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=kind, headers={"Cache-Control": "private, max-age=300"})
 

@@ -26,6 +26,9 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r
         )
         self.queue_depth = Gauge("pixart_queue_depth", "Requests waiting for the engine", registry=r)
+        # the same figure on every replica of one store: what a HorizontalPodAutoscaler scales on
+        self.store_queue_depth = Gauge("pixart_store_queue_depth",
+                                       "Durable requests waiting in the shared store (all replicas)", registry=r)
         self.images = Counter("pixart_images_generated", "Images generated", registry=r)
         self.outcomes = Counter("pixart_request_outcomes", "Requests ended, by final state", ["state"], registry=r)
 

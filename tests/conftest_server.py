@@ -125,13 +125,15 @@ class ServerThread:
 class ServerProcess:
     """`python -m server.cli serve` on port 0; the chosen ports come back through --port-file."""
 
-    def __init__(self, store: Path, *args: str, env: dict | None = None):
-        self.store = Path(store)
-        self.port_file = self.store.parent / f"ports-{time.monotonic_ns()}.json"
+    def __init__(self, store: Path | str, *args: str, env: dict | None = None, folder: Path | None = None):
+        # folder: where its port file and log go (default beside a store folder; needed for a database URL)
+        self.store = store
+        folder = Path(folder) if folder is not None else Path(store).parent
+        self.port_file = folder / f"ports-{time.monotonic_ns()}.json"
         cmd = [sys.executable, "-m", "server.cli", "serve", "--engine", str(export_dir()), "--port", "0",
                "--http-port", "0", "--store", str(store), "--port-file", str(self.port_file), "--no-warmup",
                *args]
-        self.log_path = self.store.parent / f"server-{time.monotonic_ns()}.log"
+        self.log_path = folder / f"server-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in wait())
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

@@ -14,7 +14,7 @@ from conftest_server import ServerThread, config, shared_engine, wait_for
 from engine.manifest import ManifestError
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.client import Client
-from server.store import Store
+from server.store import SqliteStore
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -39,7 +39,8 @@ class FailingStep:
 
 def test_an_engine_failure_mid_batch_fails_that_batch_and_the_server_goes_on(tmp_path) -> None:
     engine = FailingStep(shared_engine(), fail_at=2)
-    srv = ServerThread(config(tmp_path / "store", max_batch=4, max_batch_images=4), engine=engine)
+    # a batch waits up to 1 s for companions: each Submit commits (and claims) before the next is sent
+    srv = ServerThread(config(tmp_path / "store", max_batch=4, max_batch_images=4, max_wait_ms=1000), engine=engine)
     try:
         srv.app.batcher.continuous = False  # one batch formed from both, so that the failure hits both
         with Client(srv.address, timeout=60) as c:
@@ -77,7 +78,7 @@ def test_a_stale_or_broken_export_fails_at_load_with_a_clear_message(tmp_path) -
 
 
 def test_a_stored_request_the_engine_now_refuses_fails_visibly_at_recovery(tmp_path) -> None:
-    store = Store(tmp_path / "store")
+    store = SqliteStore(tmp_path / "store")
     request = pb.GenerateRequest(prompt="checked", enable_safety_checker=True, num_inference_steps=2)
     rid = "ab" * 16
     store.add(rid, request.SerializeToString())
@@ -103,7 +104,7 @@ def test_grace_period_over_stops_running_work_and_keeps_it_for_the_next_start(tm
         wait_for(lambda: c.status(rid).state == pb.IN_PROGRESS and c.status(rid).progress.step >= 1)
     srv.run(srv.app.drain())  # after 0.5 s the running request is stopped at its next step
     assert srv.app.batcher.running == []
-    row = Store(tmp_path / "store").get(rid)
+    row = SqliteStore(tmp_path / "store").get(rid)
     assert row.state == "IN_PROGRESS"  # durable: kept for the next start, not failed
     srv.close()
     again = ServerThread(config(tmp_path / "store"))

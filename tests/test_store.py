@@ -1,0 +1,206 @@
+"""The store contract, run against both backends (SQLite in a folder, PostgreSQL started by the session): what a
+Submit, a claim, a lease, a cancel, a finish and a webhook delivery promise, whichever database keeps them."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+from postgres import new_database
+
+from server import store as st
+from server.store import SchemaTooNew, SqliteStore, new_request_id, open_store
+
+pytestmark = pytest.mark.timeout(120)
+REQUEST = b"\x0a\x03cat"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = open_store(tmp_path / "store")
+    else:
+        s = open_store(new_database(), tmp_path / "results")
+    assert s.backend == request.param
+    yield s
+    s.close()
+
+
+def _submit(store, n: int = 1, webhook: str = "") -> list[str]:
+    ids = [new_request_id() for _ in range(n)]
+    for rid in ids:
+        store.add(rid, REQUEST, webhook)
+    return ids
+
+
+def test_submit_is_readable_and_queued_in_order(store) -> None:
+    ids = _submit(store, 3)
+    row = store.get(ids[0])
+    assert (row.state, row.request, row.durable, row.owner, row.attempt) == (st.IN_QUEUE, REQUEST, True, None, 0)
+    assert store.queued() == 3 and [store.position(i) for i in ids] == [0, 1, 2]
+    assert store.get("not-an-id") is None and store.get("0" * 32) is None
+
+
+def test_claims_take_the_oldest_and_never_the_same_row_twice(store) -> None:
+    ids = _submit(store, 5)
+    a = store.claim("a", 2, lease_s=60)
+    b = store.claim("b", 10, lease_s=60)
+    assert [r.id for r in a] == ids[:2] and [r.id for r in b] == ids[2:]
+    assert all(r.owner == "a" and r.attempt == 1 for r in a)
+    assert store.claim("c", 10, lease_s=60) == []
+
+
+def test_concurrent_claimers_split_the_queue(store) -> None:
+    ids = _submit(store, 40)
+    got: dict[str, list[str]] = {}
+
+    def claimer(name: str) -> None:
+        mine = got.setdefault(name, [])
+        while rows := store.claim(name, 3, lease_s=60):
+            mine.extend(r.id for r in rows)
+
+    threads = [threading.Thread(target=claimer, args=(f"r{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [rid for rows in got.values() for rid in rows]
+    assert sorted(claimed) == sorted(ids)  # every row once: none lost, none taken twice
+
+
+def test_an_expired_lease_is_claimed_again_and_the_stale_result_is_refused(store) -> None:
+    (rid,) = _submit(store)
+    (first,) = store.claim("dead", 1, lease_s=0.01, now=1000.0)
+    assert store.set_running(rid, "dead", first.attempt)
+    assert store.claim("live", 1, lease_s=60, now=1000.0) == []  # still held
+    (second,) = store.claim("live", 1, lease_s=60)  # the holder stopped renewing: its lease ran out
+    assert second.state == st.IN_PROGRESS and second.attempt == first.attempt + 1
+    assert not store.set_running(rid, "dead", first.attempt)
+    assert store.finish(rid, st.COMPLETED, request=REQUEST, owner="live", attempt=second.attempt,
+                        result=b"r", images=[("image_0.png", b"live")])
+    # the stale replica's late result: refused, and its files do not replace the winner's
+    assert not store.finish(rid, st.COMPLETED, request=REQUEST, owner="dead", attempt=first.attempt,
+                            result=b"stale", images=[("image_0.png", b"dead")])
+    # nor does a second finish of the winner's own claim
+    assert not store.finish(rid, st.FAILED, request=REQUEST, owner="live", attempt=second.attempt)
+    row = store.get(rid)
+    assert (row.state, row.result) == (st.COMPLETED, b"r")
+    assert store.image_path(rid, "image_0.png").read_bytes() == b"live"
+    assert store.claim("any", 10, lease_s=60) == []
+
+
+def test_renew_keeps_the_lease_reports_cancels_and_records_progress(store) -> None:
+    ids = _submit(store, 2)
+    rows = store.claim("a", 2, lease_s=0.5, now=1000.0)
+    held, cancelled = store.renew("a", 60, {ids[0]: (3, 10)})
+    assert held == set(ids) and cancelled == set()
+    assert store.claim("b", 2, lease_s=60) == []  # renewed: not up for grabs
+    assert store.get(ids[0]).progress == (3, 10)
+    assert store.request_cancel(ids[1])
+    assert store.renew("a", 60) == (set(ids), {ids[1]})
+    store.finish(ids[0], st.COMPLETED, request=REQUEST, owner="a", attempt=rows[0].attempt)
+    assert store.renew("a", 60)[0] == {ids[1]}  # ended rows are no longer held
+    assert store.renew("b", 60) == (set(), set())
+
+
+def test_release_hands_claims_back_at_once(store) -> None:
+    ids = _submit(store, 3)
+    rows = store.claim("a", 3, lease_s=3600)
+    store.set_running(ids[0], "a", rows[0].attempt)
+    assert store.release("a", [ids[2]]) == 1
+    assert [r.id for r in store.claim("b", 5, lease_s=60)] == [ids[2]]
+    assert store.release("a") == 2
+    again = store.claim("b", 5, lease_s=60)
+    assert [r.id for r in again] == ids[:2]
+    assert again[0].state == st.IN_PROGRESS  # it had started: its next runner knows it is a re-run
+
+
+def test_cancel_of_a_queued_request_nobody_holds_and_of_a_held_one(store) -> None:
+    free, held = _submit(store, 2)
+    assert store.request_cancel(free) and store.cancel_queued(free)
+    assert store.get(free).state == st.CANCELED
+    assert not store.request_cancel(free)  # ended
+    (row,) = store.claim("a", 1, lease_s=60)
+    assert row.id == held
+    assert store.request_cancel(held)
+    assert not store.cancel_queued(held)  # its holder ends it when it sees the flag
+    assert store.get(held).cancel_requested
+
+
+def test_webhook_delivery_is_claimed_once(store) -> None:
+    (rid,) = _submit(store, webhook="https://example.com/hook")
+    (row,) = store.claim("a", 1, lease_s=60)
+    assert store.pending_webhooks() == []  # not ended yet
+    assert not store.claim_webhook(rid, "a", 60)
+    store.finish(rid, st.COMPLETED, request=REQUEST, owner="a", attempt=row.attempt)
+    assert [r.id for r in store.pending_webhooks()] == [rid]
+    assert store.claim_webhook(rid, "a", 60)
+    assert not store.claim_webhook(rid, "b", 60)  # a live deliverer holds it
+    assert store.pending_webhooks() == []
+    store.mark_webhook_done(rid)
+    assert not store.claim_webhook(rid, "a", 60) and store.pending_webhooks() == []
+
+
+def test_an_abandoned_webhook_delivery_is_taken_over(store) -> None:
+    (rid,) = _submit(store, webhook="https://example.com/hook")
+    (row,) = store.claim("a", 1, lease_s=60)
+    store.finish(rid, st.FAILED, request=REQUEST, owner="a", attempt=row.attempt, error=b"e")
+    assert store.claim_webhook(rid, "a", lease_s=-1)  # its deliverer died: the lease is already over
+    assert [r.id for r in store.pending_webhooks()] == [rid]
+    assert store.claim_webhook(rid, "b", 60)
+
+
+def test_unary_results_expiry_and_secrets(store) -> None:
+    rid = new_request_id()
+    assert store.finish(rid, st.COMPLETED, request=REQUEST, result=b"r", images=[("image_0.png", b"png")])
+    row = store.get(rid)
+    assert (row.state, row.durable) == (st.COMPLETED, False)
+    assert store.image_path(rid, "image_0.png").read_bytes() == b"png"
+    assert store.image_path(rid, "../image_0.png") is None
+    with pytest.raises(ValueError):
+        store.finish(new_request_id(), st.COMPLETED, request=REQUEST, images=[("../x.png", b"")])
+    assert store.expire(3600) == 0
+    assert store.expire(0, now=row.finished + 1) == 1
+    assert store.get(rid) is None and store.image_path(rid, "image_0.png") is None
+    key = store.secret("url-signing")
+    assert len(key) == 32 and store.secret("url-signing") == key and store.secret("other") != key
+
+
+def test_schema_versions(store, tmp_path) -> None:
+    assert store.schema_version() == store.SCHEMA_VERSION
+    if store.backend == "sqlite":
+        db = sqlite3.connect(tmp_path / "store" / "requests.sqlite3")
+        db.execute(f"PRAGMA user_version = {store.SCHEMA_VERSION + 1}")
+        db.close()
+        with pytest.raises(SchemaTooNew, match="newer than this server"):
+            open_store(tmp_path / "store")
+    else:
+        import psycopg
+
+        with psycopg.connect(store.url, autocommit=True) as conn:
+            conn.execute("UPDATE pixart_schema SET version = version + 1")
+        with pytest.raises(SchemaTooNew, match="newer than this server"):
+            open_store(store.url, tmp_path / "results")
+
+
+def test_a_store_of_the_previous_release_is_migrated(tmp_path) -> None:
+    """A SQLite store written before claims existed (version 2) opens, keeps its rows, and runs them."""
+    folder = tmp_path / "old"
+    folder.mkdir()
+    db = sqlite3.connect(folder / "requests.sqlite3")
+    db.executescript(st._SQLITE_SCHEMA)
+    for statement in (*st._SQLITE_MIGRATIONS[0], *st._SQLITE_MIGRATIONS[1]):
+        db.execute(statement)
+    db.execute("INSERT INTO requests (id, state, durable, request, created) VALUES (?, 'IN_PROGRESS', 1, ?, 1.0)",
+               ("ab" * 16, REQUEST))
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    s = SqliteStore(folder)
+    try:
+        assert s.schema_version() == s.SCHEMA_VERSION > 2
+        (row,) = s.claim("a", 5, lease_s=60)
+        assert (row.id, row.state, row.attempt) == ("ab" * 16, st.IN_PROGRESS, 1)
+    finally:
+        s.close()
