@@ -9,7 +9,8 @@ takes the fastest one whose estimated peak fits:
     edge       fp16 transformer (the plain one on a CPU); T5 int8 weight-only (fp16 where not exported), on the CPU,
                loaded for an encode
                that misses the caches and freed after; T5 outputs cached on disk; the VAE decodes in 512-pixel
-               tiles; guided requests run their two halves as two transformer calls (half the attention scores)
+               tiles; guided requests run their two halves as two transformer calls (half the attention scores);
+               the transformer's activations are freed after each call (no arena keeping their peak)
     edge-int4  edge with the int4 T5
 
 The estimate is weights (the graph files' sizes) plus each stage's activations at the export's largest bin, with
@@ -46,6 +47,7 @@ class MemoryPlan:
     vae_tile: int | None = None
     text_cache_on_disk: bool = False
     guidance_in_one_batch: bool = True
+    memory_arena: bool = True  # the transformer's: off, its activations are freed after every call
     stages: dict[str, int] = field(default_factory=dict)  # estimated peak bytes per stage
 
     @property
@@ -56,7 +58,7 @@ class MemoryPlan:
         options = {"variant": self.variant, "text_encoder_variant": self.text_encoder_variant,
                    "text_encoder_device": self.text_encoder_device,
                    "text_encoder_resident": self.text_encoder_resident, "vae_tile": self.vae_tile,
-                   "guidance_in_one_batch": self.guidance_in_one_batch}
+                   "guidance_in_one_batch": self.guidance_in_one_batch, "memory_arena": self.memory_arena}
         if self.text_cache_on_disk and text_cache_dir is not None:
             options["text_cache_dir"] = text_cache_dir
         return options
@@ -69,6 +71,7 @@ class MemoryPlan:
                  f"VAE in {self.vae_tile}px tiles" if self.vae_tile else "VAE whole",
                  "T5 outputs cached on disk" if self.text_cache_on_disk else "",
                  "guidance halves in two calls" if not self.guidance_in_one_batch else "",
+                 "transformer activations freed after each call" if not self.memory_arena else "",
                  f"estimated peak {self.peak / GIB:.1f} GiB"]
         return "; ".join(p for p in parts if p)
 
@@ -107,7 +110,7 @@ def make_plan(manifest: Manifest, name: str, device: str = "cuda") -> MemoryPlan
     else:
         plan = MemoryPlan(name, variant=transformer, text_encoder_variant=t5, text_encoder_device="cpu",
                           text_encoder_resident=False, vae_tile=VAE_TILE, text_cache_on_disk=True,
-                          guidance_in_one_batch=False)
+                          guidance_in_one_batch=False, memory_arena=False)
     return MemoryPlan(**{**plan.__dict__, "stages": estimate(manifest, plan, device)})
 
 
@@ -138,10 +141,11 @@ def estimate(manifest: Manifest, plan: MemoryPlan, device: str = "cuda") -> dict
     resident = RUNTIME_OVERHEAD + weights["transformer"] + weights["vae_decoder"]
     t5 = weights["text_encoder"]
     kept_t5 = t5 if plan.text_encoder_resident else 0
+    kept_activations = attention if plan.memory_arena else 0  # an arena keeps the transformer's peak
     return {
-        "text_encoding": resident + t5,
+        "text_encoding": resident + t5 + kept_activations,
         "denoising": resident + kept_t5 + attention,
-        "decoding": resident + kept_t5 + int(VAE_BYTES_PER_PIXEL * pixels),
+        "decoding": resident + kept_t5 + kept_activations + int(VAE_BYTES_PER_PIXEL * pixels),
     }
 
 

@@ -95,8 +95,8 @@ def test_plans_pick_the_documented_parts(frugal_export):
     assert plans["fp16"].variant == "fp16" and plans["fp16"].text_encoder_resident
     edge = plans["edge"]
     assert (edge.variant, edge.text_encoder_variant, edge.text_encoder_device, edge.text_encoder_resident,
-            edge.vae_tile, edge.text_cache_on_disk, edge.guidance_in_one_batch) == \
-        ("fp16", "int8", "cpu", False, 512, True, False)
+            edge.vae_tile, edge.text_cache_on_disk, edge.guidance_in_one_batch, edge.memory_arena) == \
+        ("fp16", "int8", "cpu", False, 512, True, False, False)
     assert plans["edge-int4"].text_encoder_variant == "int4"
     # on the CPU provider fp16 weights are widened to fp32 at load: the plans keep the plain transformer there,
     # and fp16 graphs are estimated at twice their size
@@ -126,8 +126,10 @@ def test_edge_engine_matches_its_parts(frugal_export, tmp_path):
     """T5 loaded per encode gives what the resident one gives; the engine's tiled decode is decode_tiled."""
     resident = Engine.load(frugal_export, CPU, text_encoder_variant="int8", text_encoder_device="cpu")
     per_encode = Engine.load(frugal_export, CPU, text_encoder_variant="int8", text_encoder_device="cpu",
-                             text_encoder_resident=False, vae_tile=64)
+                             text_encoder_resident=False, vae_tile=64, memory_arena=False)
     assert per_encode.text_encoder is None
+    assert not per_encode.transformer.get_session_options().enable_cpu_mem_arena
+    assert resident.transformer.get_session_options().enable_cpu_mem_arena
     texts = ["a red fox", "a blue bird on a wire"]
     a, mask_a = resident.encode_text(texts)
     b, mask_b = per_encode.encode_text(texts)
