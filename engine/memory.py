@@ -102,7 +102,9 @@ def make_plan(manifest: Manifest, name: str, device: str = "cuda") -> MemoryPlan
     if missing:
         raise ManifestError(f"plan {name} needs graphs this export lacks: export with `pixart export "
                             f"{' '.join(missing)}`")
-    transformer = "fp16" if device == "cuda" else "fp32"
+    # the fused-attention graph where exported (no token x token scores held), else the plain one
+    cpu_transformer = "optimized" if "transformer" in manifest.get("variants", {}).get("optimized", {}) else "fp32"
+    transformer = "fp16" if device == "cuda" else cpu_transformer
     if name == "default":
         plan = MemoryPlan(name)
     elif name == "fp16":

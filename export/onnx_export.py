@@ -285,7 +285,7 @@ def export_model(
 
 
 def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, int8: bool, advance) -> tuple[dict, dict]:
-    from export.optimize import fuse, quantize_int8
+    from export.optimize import fuse, fuse_attention_file, quantize_int8
 
     shapes = {
         "transformer": (c["transformer"].config.num_attention_heads, c["transformer"].inner_dim),
@@ -296,13 +296,25 @@ def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, in
     if optimize:
         variants["optimized"] = {}
         for name, (heads, hidden) in shapes.items():
-            if files[name].with_name(files[name].name + ".data").exists():  # past 2 GB
+            target = out / f"{name}.opt.onnx"
+            external = files[name].with_name(files[name].name + ".data").exists()
+            if name == "transformer":
+                # our attention fusion first: ONNX Runtime's optimizer does not match the DiT's attention
+                source = target if external else out / "transformer.mha.onnx"
+                attention = fuse_attention_file(files[name], source, heads)
+                fusions[name] = {"MultiHeadAttention": attention}
+                variants["optimized"][name] = target
+                if external:
+                    continue
+                fusions[name] = fuse(source, target, name, heads, hidden)
+                source.unlink()
+                continue
+            if external:
                 # Past 2 GB (T5 from `small` up) ONNX Runtime's offline optimizer holds several copies of the graph
                 # (17.6 GB for the 2.8 GB T5 of `small`); the session still fuses at load, and trimmed text makes
                 # T5 a small share of the time, so the variant keeps the plain graph.
                 log.info("%s: weights past 2 GB, no offline fusion (the session fuses at load)", name)
                 continue
-            target = out / f"{name}.opt.onnx"
             fusions[name] = fuse(files[name], target, name, heads, hidden)
             variants["optimized"][name] = target
         advance("fused")
@@ -313,6 +325,35 @@ def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, in
         variants["int8"] = {"transformer": quantize_int8(files["transformer"], out / "transformer.int8.onnx")}
         advance("int8")
     return variants, fusions
+
+
+def add_fused_attention(export_dir: str | Path) -> dict[str, int]:
+    """Bring an export made before attention fusion up to date without re-exporting (T5-XXL takes half an hour):
+    add the fused-attention transformer as the "optimized" one where that variant lacks it, and fuse the fp16
+    transformer in place; the manifest records what landed. Returns {file: fused attentions}."""
+    from engine.manifest import Manifest
+    from export.optimize import fuse_attention_file
+
+    manifest = Manifest.load(export_dir)
+    data, folder = dict(manifest.data), manifest.folder
+    heads = int(data["transformer"]["config"]["num_attention_heads"])
+    done = {}
+    optimized = data.setdefault("variants", {}).setdefault("optimized", {})
+    if "transformer" not in optimized:
+        target = folder / "transformer.opt.onnx"
+        done[target.name] = fuse_attention_file(folder / data["files"]["transformer"], target, heads)
+        optimized["transformer"] = target.name
+        data.setdefault("fusions", {})["transformer"] = {"MultiHeadAttention": done[target.name]}
+    fp16 = data["variants"].get("fp16", {}).get("transformer")
+    if fp16 and "fused" not in data.get("precisions", {}).get("fp16", {}).get("transformer", ""):
+        done[fp16] = fuse_attention_file(folder / fp16, folder / fp16, heads)
+        data["precisions"]["fp16"]["transformer"] += "; self-attention fused (com.microsoft.MultiHeadAttention)"
+    for name in done:
+        if (folder / name).exists():
+            data.setdefault("hashes", {})[name] = {"sha256": sha256(folder / name),
+                                                   "bytes": (folder / name).stat().st_size}
+    (folder / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=True))
+    return done
 
 
 def build_manifest(

@@ -55,6 +55,12 @@ def export_half(c: dict, out: Path, name: str, text_encoder: Path | None = None
     transformer = half_copy(c["transformer"], dtype, ("pos_embed.proj",) if name == "bf16" else ())
     files["transformer"] = export_transformer(transformer, out / f"transformer.{name}.onnx")
     notes["transformer"] = f"{name}; timestep embedding fp32"
+    if name == "fp16":  # the CUDA provider's fp16 path: its fused attention (flash) keeps no token x token scores
+        from export.optimize import fuse_attention_file
+
+        heads = int(c["transformer"].config.num_attention_heads)
+        fuse_attention_file(files["transformer"], files["transformer"], heads)
+        notes["transformer"] += "; self-attention fused (com.microsoft.MultiHeadAttention)"
     return files, notes
 
 

@@ -224,3 +224,38 @@ def test_text_encoder_exports_from_a_sharded_checkpoint(default_checkpoint, defa
     feeds["attention_mask"][1, 7:] = 0
     out = _session(graph).run(None, feeds)[0]
     np.testing.assert_array_equal(out, _session(default_export / "text_encoder.onnx").run(None, feeds)[0])
+
+
+def test_self_attention_is_fused_and_cross_attention_is_not(default_export):
+    """The optimized transformer runs each block's self-attention as one MultiHeadAttention node (no token x token
+    scores held); the masked cross-attention stays unfused (its scores are tokens x text). Numbers: the fused-graph
+    test above and the parity tests run this graph."""
+    import onnx
+
+    from export.optimize import op_counts
+
+    manifest = json.loads((default_export / "manifest.json").read_text())
+    layers = manifest["transformer"]["config"]["num_layers"]
+    counts = op_counts(default_export / manifest["variants"]["optimized"]["transformer"])
+    assert counts["MultiHeadAttention"] == layers and counts["Softmax"] == layers
+    assert op_counts(default_export / manifest["files"]["transformer"])["Softmax"] == 2 * layers  # plain: unfused
+    model = onnx.load(str(default_export / manifest["variants"]["optimized"]["transformer"]))
+    onnx.checker.check_model(model)  # topologically sorted, every input produced
+
+
+def test_an_older_export_gains_fused_attention_in_place(default_checkpoint, tmp_path):
+    from export.onnx_export import add_fused_attention, export_model
+    from export.optimize import op_counts
+
+    export_model(default_checkpoint, tmp_path, optimize=False, precisions=["fp16"], progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    fp16 = tmp_path / manifest["variants"]["fp16"]["transformer"]
+    assert op_counts(fp16)["MultiHeadAttention"] == 2  # new exports fuse the fp16 graph already
+    assert add_fused_attention(tmp_path) == {"transformer.opt.onnx": 2}
+    assert add_fused_attention(tmp_path) == {}  # idempotent
+    from engine import Engine, GenerationRequest
+
+    request = GenerationRequest(prompt="a fox", seed=2, num_inference_steps=3, image_size=(256, 256))
+    plain, fused = (Engine.load(tmp_path, ["CPUExecutionProvider"], variant=v).generate(request).images[0].pixels
+                    for v in ("fp32", "optimized"))
+    assert np.abs(plain.astype(int) - fused.astype(int)).max() <= 1
