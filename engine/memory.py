@@ -102,9 +102,11 @@ def make_plan(manifest: Manifest, name: str, device: str = "cuda") -> MemoryPlan
     if missing:
         raise ManifestError(f"plan {name} needs graphs this export lacks: export with `pixart export "
                             f"{' '.join(missing)}`")
-    # the fused-attention graph where exported (no token x token scores held), else the plain one
-    cpu_transformer = "optimized" if "transformer" in manifest.get("variants", {}).get("optimized", {}) else "fp32"
-    transformer = "fp16" if device == "cuda" else cpu_transformer
+    # int8 weights where exported (kept int8 on CPU and GPU), else the fused-attention graph (no token x token
+    # scores held) of the device's precision
+    variants = manifest.get("variants", {})
+    cpu_transformer = "optimized" if "transformer" in variants.get("optimized", {}) else "fp32"
+    transformer = "fp16-int8" if "fp16-int8" in variants else "fp16" if device == "cuda" else cpu_transformer
     if name == "default":
         plan = MemoryPlan(name)
     elif name == "fp16":
@@ -119,7 +121,7 @@ def make_plan(manifest: Manifest, name: str, device: str = "cuda") -> MemoryPlan
 def _is_half(manifest: Manifest, component: str, variant: str) -> bool:
     if component == "text_encoder" and variant not in ("int4", "int8"):
         return variant == "fp16" or manifest["text_encoder"].get("precision") == "fp16"
-    return component == "transformer" and variant == "fp16"
+    return component == "transformer" and variant == "fp16"  # fp16-int8: int8 MatMul weights stay int8
 
 
 def estimate(manifest: Manifest, plan: MemoryPlan, device: str = "cuda") -> dict[str, int]:

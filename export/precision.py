@@ -56,11 +56,12 @@ def export_half(c: dict, out: Path, name: str, text_encoder: Path | None = None
     files["transformer"] = export_transformer(transformer, out / f"transformer.{name}.onnx")
     notes["transformer"] = f"{name}; timestep embedding fp32"
     if name == "fp16":  # the CUDA provider's fp16 path: its fused attention (flash) keeps no token x token scores
+        from export.onnx_export import FUSED_NOTE
         from export.optimize import fuse_attention_file
 
         heads = int(c["transformer"].config.num_attention_heads)
         fuse_attention_file(files["transformer"], files["transformer"], heads)
-        notes["transformer"] += "; self-attention fused (com.microsoft.MultiHeadAttention)"
+        notes["transformer"] += FUSED_NOTE
     return files, notes
 
 

@@ -244,15 +244,16 @@ def test_self_attention_is_fused_and_cross_attention_is_not(default_export):
 
 
 def test_an_older_export_gains_fused_attention_in_place(default_checkpoint, tmp_path):
-    from export.onnx_export import add_fused_attention, export_model
+    from export.onnx_export import add_variants, export_model
     from export.optimize import op_counts
 
     export_model(default_checkpoint, tmp_path, optimize=False, precisions=["fp16"], progress=False)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     fp16 = tmp_path / manifest["variants"]["fp16"]["transformer"]
     assert op_counts(fp16)["MultiHeadAttention"] == 2  # new exports fuse the fp16 graph already
-    assert add_fused_attention(tmp_path) == {"transformer.opt.onnx": 2}
-    assert add_fused_attention(tmp_path) == {}  # idempotent
+    assert add_variants(tmp_path, quantize_transformer=True) == {"transformer.opt.onnx": "2 attentions fused",
+                                                                 "transformer.fp16-int8.onnx": "int8 weights"}
+    assert add_variants(tmp_path, quantize_transformer=True) == {}  # idempotent
     from engine import Engine, GenerationRequest
 
     request = GenerationRequest(prompt="a fox", seed=2, num_inference_steps=3, image_size=(256, 256))

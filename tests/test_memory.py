@@ -96,11 +96,15 @@ def test_plans_pick_the_documented_parts(frugal_export):
     edge = plans["edge"]
     assert (edge.variant, edge.text_encoder_variant, edge.text_encoder_device, edge.text_encoder_resident,
             edge.vae_tile, edge.text_cache_on_disk, edge.guidance_in_one_batch, edge.memory_arena) == \
-        ("fp16", "int8", "cpu", False, 512, True, False, False)
+        ("fp16-int8", "int8", "cpu", False, 512, True, False, False)
     assert plans["edge-int4"].text_encoder_variant == "int4"
-    # on the CPU provider fp16 weights are widened to fp32 at load: the plans keep the plain transformer there,
-    # and fp16 graphs are estimated at twice their size
-    assert make_plan(manifest, "edge", "cpu").variant == "fp32"
+    # on the CPU provider fp16 weights are widened to fp32 at load (the int8 ones stay int8): without the int8
+    # transformer the plans keep the plain one there, and fp16 graphs are estimated at twice their size
+    assert make_plan(manifest, "edge", "cpu").variant == "fp16-int8"
+    without_int8 = Manifest(manifest.folder, {**manifest.data, "variants": {
+        k: v for k, v in manifest["variants"].items() if k != "fp16-int8"}})
+    assert make_plan(without_int8, "edge", "cpu").variant == "fp32"
+    assert make_plan(without_int8, "edge", "cuda").variant == "fp16"
     fp16_cpu = make_plan(manifest, "fp16", "cpu")
     assert fp16_cpu.stages["text_encoding"] > plans["fp16"].stages["text_encoding"]
     # T5 not resident: the denoising stage does not carry it
