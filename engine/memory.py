@@ -29,11 +29,14 @@ PLANS = ("default", "fp16", "edge", "edge-int4")
 DEVICES = ("cuda", "cpu")
 VAE_TILE = 512
 GIB = 2**30
-# Activation bytes per stage, measured at real dimensions on ONNX Runtime's CPU provider (benchmarks/memory.py):
-# the transformer's unfused attention keeps a few (rows, heads, tokens, tokens) fp32 tensors alive; the VAE
-# decoder's peak grows with the pixels it decodes at once; T5's with the text (at most 300 tokens: small).
+# Activation bytes per stage, measured at real dimensions on ONNX Runtime's CPU provider (benchmarks/memory.py,
+# README "Memory"): a transformer call holds about 320 KiB per token and row with its self-attention fused (1.3 GB
+# for one 1024² row), plus, unfused, a few (rows, heads, tokens, tokens) fp32 score tensors; the VAE decoder's
+# peak grows with the pixels it decodes at once (3.7 GB whole at 1024², 0.8 GB per 512² tile); T5's with the text
+# (at most 300 tokens: small).
+TRANSFORMER_BYTES_PER_TOKEN_ROW = 320 * 2**10
 ATTENTION_COPIES = 3
-VAE_BYTES_PER_PIXEL = 3700.0 / (1024 * 1024) * 2**20  # full decode at 1024²: 3.7 GB
+VAE_BYTES_PER_PIXEL = 3700.0 / (1024 * 1024) * 2**20
 RUNTIME_OVERHEAD = 0.4 * GIB  # the interpreter, numpy, ONNX Runtime's libraries and the tokenizer
 
 
@@ -124,6 +127,13 @@ def _is_half(manifest: Manifest, component: str, variant: str) -> bool:
     return component == "transformer" and variant == "fp16"  # fp16-int8: int8 MatMul weights stay int8
 
 
+def _attention_fused(manifest: Manifest, variant: str) -> bool:
+    """Whether this variant's transformer runs its self-attention as MultiHeadAttention (export records it)."""
+    if variant == "optimized":
+        return bool(manifest.get("fusions", {}).get("transformer", {}).get("MultiHeadAttention"))
+    return "fused" in manifest.get("precisions", {}).get(variant, {}).get("transformer", "")
+
+
 def estimate(manifest: Manifest, plan: MemoryPlan, device: str = "cuda") -> dict[str, int]:
     """Peak bytes per stage ("text_encoding", "denoising", "decoding") of one guided image at the largest bin."""
     overrides = {"text_encoder": plan.text_encoder_variant} if plan.text_encoder_variant else None
@@ -140,7 +150,9 @@ def estimate(manifest: Manifest, plan: MemoryPlan, device: str = "cuda") -> dict
     h, w = max(manifest["aspect_ratio_bins"].values(), key=lambda s: s[0] * s[1])
     tokens = (h // scale // patch) * (w // scale // patch)
     rows = 2 if plan.guidance_in_one_batch else 1
-    attention = ATTENTION_COPIES * rows * heads * tokens**2 * 4
+    attention = rows * tokens * TRANSFORMER_BYTES_PER_TOKEN_ROW
+    if not _attention_fused(manifest, variant):
+        attention += ATTENTION_COPIES * rows * heads * tokens**2 * 4
     pixels = min(h * w, plan.vae_tile**2) if plan.vae_tile else h * w
     resident = RUNTIME_OVERHEAD + weights["transformer"] + weights["vae_decoder"]
     t5 = weights["text_encoder"]
