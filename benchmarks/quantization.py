@@ -6,8 +6,8 @@ Per text encoder graph: size on disk, resident memory of a loaded session, encod
 engine's usual call), and against transformers' fp32 T5 on the same weights (`small`; for `full`, whose T5-XXL is
 drawn from a seed at export and has no torch copy here, against the fp16 graph): embedding cosine similarity (min
 over kept tokens) and relative error, after every block and at the output. `--images`: PSNR of the engine's images
-with the quantized T5 against the fp16 one (same seed; `small` only, the full transformer at 1024² takes minutes a
-step on a CPU).
+with the quantized T5, and with the int8-weight transformer, against the fp16 ones (same seed; `small` only, the
+full transformer at 1024² takes minutes a step on a CPU).
 
 On random weights the end-to-end figures overstate what quantization costs: a random T5's attention is nearly
 one-hot, so a small error can flip which token a head attends to, and the flip propagates. The error after the first
@@ -127,13 +127,15 @@ def image_psnr(export: Path) -> dict:
 
     request = GenerationRequest(prompt="a red circle on a blue background", negative_prompt="blurry", seed=3,
                                 num_inference_steps=8, image_size=(1024, 1024), clean_caption=False)
+    sides = {"fp16": ("fp16", "fp16"), "t5_int8": ("fp16", "int8"), "t5_int4": ("fp16", "int4"),
+             "transformer_int8": ("fp16-int8", "fp16")}  # (transformer variant, T5 variant)
     pixels = {}
-    for name in ("fp16", "int8", "int4"):
-        engine = Engine.load(export, variant="fp16", text_encoder_variant=name)
+    for name, (transformer, t5) in sides.items():
+        engine = Engine.load(export, variant=transformer, text_encoder_variant=t5)
         pixels[name] = engine.generate(request).images[0].pixels.astype(np.float64)
         del engine
     out = {}
-    for name in ("int8", "int4"):
+    for name in ("t5_int8", "t5_int4", "transformer_int8"):
         mse = float(((pixels[name] - pixels["fp16"]) ** 2).mean())
         out[f"psnr_{name}_vs_fp16_db"] = round(10 * np.log10(255**2 / mse), 2) if mse else float("inf")
     return out
