@@ -137,7 +137,6 @@ class Engine:
         self.path = self.manifest.folder
         overrides = {"text_encoder": text_encoder_variant} if text_encoder_variant else None
         self.variant, files = self.manifest.files(variant, overrides)
-        self.text_encoder_variant = text_encoder_variant or self.variant
         tr = self.manifest["transformer"]
         self.bins = self.manifest["aspect_ratio_bins"]
         self.patch_size = int(tr["config"]["patch_size"])
