@@ -31,7 +31,8 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-from export.onnx_io import EXTERNAL_DATA_THRESHOLD, OPSET
+from export import onnx_io
+from export.onnx_io import OPSET
 from export.optimize import WeightOnly, weight_only
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ class _GraphWriter:
         # the parts' producer (torch's exporter): ONNX Runtime's optimizer picks its fusions by it
         model = onnx.helper.make_model(self.graph, opset_imports=opsets, ir_version=IR_VERSION,
                                        producer_name=self.producer[0], producer_version=self.producer[1])
-        if self.data_path.stat().st_size <= EXTERNAL_DATA_THRESHOLD:  # small enough for one file: keep it simple
+        if self.data_path.stat().st_size <= onnx_io.EXTERNAL_DATA_THRESHOLD:  # one file is simpler where it fits
             onnx.load_external_data_for_model(model, str(self.path.parent))
             self.data_path.unlink()
             for tensor in model.graph.initializer:
