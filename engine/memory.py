@@ -6,11 +6,11 @@ takes the fastest one whose estimated peak fits:
 
     default    the export's default graphs, everything resident
     fp16       fp16 transformer and T5, everything resident
-    edge       fp16 transformer (the plain one on a CPU); T5 int8 weight-only (fp16 where not exported), on the CPU,
-               loaded for an encode
-               that misses the caches and freed after; T5 outputs cached on disk; the VAE decodes in 512-pixel
-               tiles; guided requests run their two halves as two transformer calls (half the attention scores);
-               the transformer's activations are freed after each call (no arena keeping their peak)
+    edge       the int8-weight transformer (fp16-int8) where exported, else fp16 (on a CPU: the fused-attention
+               fp32 one, since the CPU provider widens fp16); T5 int8 weight-only (fp16 where not exported), on the
+               CPU, loaded for an encode that misses the caches and freed after; T5 outputs cached on disk; the VAE
+               decodes in 512-pixel tiles; guided requests run their two halves as two transformer calls; the
+               transformer's activations are freed after each call (no arena keeping their peak)
     edge-int4  edge with the int4 T5
 
 The estimate is weights (the graph files' sizes) plus each stage's activations at the export's largest bin, with
