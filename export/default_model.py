@@ -1,28 +1,35 @@
-"""The embedded default model: a tiny, seeded PixArt-Σ-architecture checkpoint in diffusers format, built offline.
+"""The embedded default model: a tiny PixArt-Σ-architecture checkpoint in diffusers format, trained here on simple
+procedural scenes (export/train_default.py) and committed in export/default_weights (a few MB).
 
 Widths are tiny so that everything runs on a laptop CPU in seconds, but the layout is the real one where it changes
 behaviour: `sample_size` 32 with `interpolation_scale` 0.5, the layout of PixArt-Σ's 256 checkpoint (so the 256 bin
 table and the stretched positional embedding apply, and a 1024² request computes at 256² and is resized back),
-learned sigma (8 output channels), four VAE blocks (scale factor 8) with the mid-block attention, a gated-GELU T5
-with relative attention buckets, and PixArt's scheduler config. Every parameter is drawn from one seeded generator,
-including those diffusers initialises to zero or one, so that no path is silently inert in a parity test.
-The weights are random: pictures are noise-like. A real checkpoint goes through the same export and engine.
+learned sigma (8 output channels), four VAE blocks (scale factor 8), a gated-GELU T5 with relative attention
+buckets, and PixArt's scheduler config. One departure: the VAE has no mid-block attention, so that it could be
+trained on small whole pictures and still decode any size (tests export an attention VAE separately).
+A real checkpoint goes through the same export and engine.
+
+`build_checkpoint` draws a random checkpoint of any configs from one seeded generator (benchmarks, tests): every
+parameter is drawn, including those diffusers initialises to zero or one, so that no path is silently inert in a
+parity test.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 SEED = 20240401
+WEIGHTS = Path(__file__).resolve().parent / "default_weights"
 
 TRANSFORMER_CONFIG = dict(
-    num_attention_heads=2,
+    num_attention_heads=4,
     attention_head_dim=16,
     in_channels=4,
     out_channels=8,
-    num_layers=2,
-    cross_attention_dim=32,
+    num_layers=4,
+    cross_attention_dim=64,
     attention_bias=True,
     sample_size=32,
     patch_size=2,
@@ -56,13 +63,14 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=["DownEncoderBlock2D"] * 4,
     up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[8, 8, 16, 16],
+    block_out_channels=[16, 16, 32, 32],
     layers_per_block=1,
     latent_channels=4,
     norm_num_groups=4,
     sample_size=1024,
-    scaling_factor=0.13025,
+    scaling_factor=0.13025,  # training measures the trained VAE's own
     force_upcast=False,
+    mid_block_add_attention=False,
 )
 # PixArt-Σ's published scheduler_config.json (docs/pixart-sigma.md §1.5), with the defaults it relies on spelled out.
 SCHEDULER_CONFIG = dict(
@@ -90,14 +98,13 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def build_default_model(out_dir: str | Path, seed: int = SEED) -> Path:
-    """Write the tiny checkpoint to `out_dir` (diffusers layout) and return it. Same seed, same bytes."""
-    out = build_checkpoint(out_dir, TRANSFORMER_CONFIG, T5_CONFIG, VAE_CONFIG, seed)
-    (out / "README.md").write_text(
-        f"Tiny PixArt-Σ-architecture checkpoint with random weights (seed {seed}), built by `pixart build-default`.\n"
-        "Its images are noise-like; it exists so that every path runs offline.\n"
-    )
-    (out / "default_model.json").write_text(json.dumps({"seed": seed}, indent=2))
+def build_default_model(out_dir: str | Path) -> Path:
+    """Write the embedded default checkpoint (the committed trained weights, diffusers layout) to `out_dir`."""
+    out = Path(out_dir)
+    if not (WEIGHTS / "model_index.json").is_file():
+        raise FileNotFoundError(f"{WEIGHTS} holds no checkpoint: the embedded default's weights are missing from this "
+                                "checkout (python -m export.train_default rebuilds them)")
+    shutil.copytree(WEIGHTS, out, dirs_exist_ok=True)
     return out
 
 

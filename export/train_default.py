@@ -2,22 +2,30 @@
 
     python -m export.train_default [--out export/default_weights]
 
-Three stages, all from one seed on the CPU (one thread by default):
-1. the KL VAE on whole rendered scenes (L1 + MSE, a small KL term); its latent scale is then measured on
-   full pictures and written as `scaling_factor`, as Stable Diffusion's was;
-2. the scenes of the transformer's data set are rendered at several 256-table aspect-ratio bins and encoded once
+Four stages, all from one seed on the CPU (two threads by default, about half an hour on two cores):
+1. a T5 tokenizer trained on the default corpus plus scene captions, so that every word of the scene grammar is
+   one piece (a colour split into sub-words must be reassembled by T5 before the transformer can use it);
+2. the KL VAE on whole rendered 64² scenes (L1 + MSE weighted toward the objects, a small KL term); its latent
+   scale is then measured and written as `scaling_factor`, as Stable Diffusion's was;
+3. the scenes of the transformer's data set are rendered at several 256-table aspect-ratio bins and encoded once
    (posterior means), so the denoiser never waits for the VAE;
-3. the PixArt-Σ transformer and the T5 encoder together on those latents: DDPM epsilon loss on the linear-beta
-   schedule of SCHEDULER_CONFIG, a fresh caption per example and step, 10% of captions dropped to the empty text
-   (the unconditional branch of classifier-free guidance).
+4. the PixArt-Σ transformer and the T5 encoder together on those latents: DDPM epsilon loss on the linear-beta
+   schedule of SCHEDULER_CONFIG, weighted toward noisy timesteps and object pixels, a fresh caption per example and
+   step, 10% of captions dropped to the empty text (the unconditional branch of classifier-free guidance).
 
+Why these choices (each measured here, see docs/trained-default.md):
+- The encoder's log-variance starts at -8 (noise std 0.02): from the usual 0, the decoder sees latents drowned in
+  unit noise and Adam lowers that bias by about lr per step, so for thousands of steps it learns only the mean colour.
+- The loss at timestep t is weighted by 1/SNR(t) clipped to [1, 10]: the plain epsilon loss is dominated by nearly
+  clean timesteps, where the noisy latent already shows the colours and the caption adds nothing, and at noisy ones
+  an epsilon error hides a 1/SNR times larger error in the picture; weighted, the steps where the text matters
+  carry the gradient. Object pixels count 5x (objects cover a few percent of a scene), and the text's path learns
+  at 10x the rate.
+- T5 is trained with the transformer rather than frozen: a random 48-wide T5 mixes neighbouring words too weakly
+  for "red circle on blue" and "blue circle on red" to come apart.
 The transformer keeps PixArt's learned-sigma layout (8 output channels). Neither sampler in the engine (nor diffusers'
 PixArt-Σ pipeline) reads the variance half, so it is not trained: its output rows keep their initial values.
-T5 is trained with the transformer rather than frozen: a random 48-wide T5 mixes neighbouring words too weakly for
-"red circle on blue" and "blue circle on red" to come apart.
-Status: work in progress, see docs/trained-default.md. With these settings (22.6 min) the VAE keeps shapes but
-not colours and the transformer ignores the text, so the weights are not committed and the embedded default is
-still the random one. Training is never meant to be part of `make run`.
+Training is never part of `make run`: the weights it writes are committed (export/default_weights).
 """
 
 from __future__ import annotations
@@ -33,17 +41,15 @@ from pathlib import Path
 import numpy as np
 
 from export import scenes
-from export.default_model import SCHEDULER_CONFIG, SEED, T5_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, build_checkpoint
+from export.default_model import SCHEDULER_CONFIG, SEED, T5_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, WEIGHTS
 
-# Not committed yet: this training does not produce a model that follows its prompts (docs/trained-default.md).
-WEIGHTS = Path(__file__).resolve().parent.parent / "artifacts" / "trained-default"
-# A little wider and deeper than the random default's transformer (2 layers, 2 heads of 16), still ~1 MB.
-TRAINED_TRANSFORMER_CONFIG = {**TRANSFORMER_CONFIG, "num_attention_heads": 3, "num_layers": 3,
-                              "cross_attention_dim": 48}
 # (height, width) bins of the 256 table the transformer sees: square, and both ways round at 3:4-ish, 3:5 and 1:2,
 # so that a portrait or landscape request is in distribution after binning
 TRAIN_BINS = ((256, 256), (224, 288), (288, 224), (192, 320), (320, 192), (176, 352), (352, 176))
+VAE_SIDE = 64  # the VAE trains on whole 64² pictures, a sixteenth of the cost of 256²
 TEXT_TOKENS = 40  # longer than any caption of the grammar
+MAX_NOISY_WEIGHT = 10.0
+TOKENIZER_CAPTIONS = 4000
 
 
 def _log(msg: str) -> None:
@@ -62,132 +68,246 @@ def _to_tensor(images: list[np.ndarray]):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_vae(vae, rng: np.random.Generator, steps: int, batch: int = 2) -> None:
+def train_tokenizer(out_dir: Path, rng: np.random.Generator, seed: int) -> Path:
+    """The default corpus plus captions of random scenes, so the grammar's words are whole pieces."""
+    from export.tokenizer import DEFAULT_CORPUS, train_t5_tokenizer
+
+    lines = DEFAULT_CORPUS.read_text(encoding="utf-8").splitlines()
+    lines += [scenes.caption(rng, scenes.random_scene(rng)) for _ in range(TOKENIZER_CAPTIONS)]
+    corpus = out_dir / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return train_t5_tokenizer(corpus, out_dir / "tokenizer", seed=seed)
+
+
+def train_vae(vae, rng: np.random.Generator, steps: int, lr: float = 2e-3, batch: int = 16) -> None:
     import torch
 
-    # Whole pictures at the training bins, not crops: the mid-block attention learnt on small crops misplaced
-    # objects at full size. A pool, because rendering costs as much as a step of this tiny VAE.
-    pool = [scenes.render(scenes.random_scene(rng), *TRAIN_BINS[i % len(TRAIN_BINS)]) for i in range(700)]
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    latent = vae.config.latent_channels
+    with torch.no_grad():  # see the module docstring: start with little posterior noise
+        vae.quant_conv.weight[latent:] *= 0.1
+        vae.quant_conv.bias[latent:] = -8.0
+    # Whole small pictures: the VAE is fully convolutional (no mid-block attention), so what it learns at 64²
+    # decodes any size. A pool, because rendering costs as much as a step of this tiny VAE.
+    pool = [scenes.render(scenes.random_scene(rng), VAE_SIDE, VAE_SIDE) for _ in range(4000)]
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     for step in range(steps):
-        b = int(rng.integers(len(TRAIN_BINS)))
-        x = _to_tensor([pool[b + len(TRAIN_BINS) * int(rng.integers(len(pool) // len(TRAIN_BINS)))]
-                        for _ in range(batch)])
+        x = _to_tensor([pool[int(i)] for i in rng.integers(len(pool), size=batch)])
         for group in opt.param_groups:
-            group["lr"] = _cosine(step, steps, 2e-3, 30)
+            group["lr"] = _cosine(step, steps, lr, 50)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        rec = (recon - x).abs().mean() + ((recon - x) ** 2).mean()
+        rec = (_object_weight(x) * ((recon - x).abs() + (recon - x) ** 2)).mean()
         kl = posterior.kl().mean() / x[0].numel()
         # enough KL to keep latents near unit scale without outliers, so one scaling_factor suits every picture
         loss = rec + 1e-3 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             _log(f"vae {step}/{steps} rec {rec.item():.4f} kl/px {kl.item():.3f}")
     vae.eval()
 
 
-def encode_dataset(vae, rng: np.random.Generator, n: int) -> list[tuple[list[scenes.Scene], object]]:
-    """n scenes rendered at the training bins, as (scenes, unscaled posterior means) per bin."""
+def _object_weight(x, boost: float = 5.0):
+    """Per-pixel loss weight of a batch of pictures in [-1, 1]: `boost` where the pixel differs from the top-left
+    corner's colour (the background in most scenes), 1 elsewhere, normalised to mean 1 per picture. Objects cover a
+    few percent of a scene; unweighted, a model learns backgrounds first and objects only much later."""
+    weight = 1 + (boost - 1) * ((x - x[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.1).float()
+    return weight / weight.mean((1, 2, 3), keepdim=True)
+
+
+def encode_dataset(vae, rng: np.random.Generator, n: int) -> list[tuple[list[scenes.Scene], object, object]]:
+    """n scenes rendered at the training bins, as (scenes, unscaled posterior means, latent-sized object weights)
+    per bin."""
     import torch
 
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     per_bin = n // len(TRAIN_BINS)
     out = []
     with torch.no_grad():
         for h, w in TRAIN_BINS:
             bin_scenes = [scenes.random_scene(rng) for _ in range(per_bin)]
-            means = []
+            means, weights = [], []
             for i in range(0, per_bin, 64):
                 x = _to_tensor([scenes.render(s, h, w) for s in bin_scenes[i : i + 64]])
                 means.append(vae.encode(x).latent_dist.mean)
-            out.append((bin_scenes, torch.cat(means)))
+                weights.append(torch.nn.functional.avg_pool2d(_object_weight(x), factor))
+            out.append((bin_scenes, torch.cat(means), torch.cat(weights)))
             _log(f"encoded {per_bin} scenes at {h}x{w}")
     return out
 
 
-def train_denoiser(transformer, text_encoder, tokenizer, data, scale: float, rng: np.random.Generator,
-                   steps: int, batch: int = 32, drop: float = 0.1) -> None:
+class _Batches:
+    """Noisy training examples: latents of one bin, captions (or the empty one), timesteps and noise."""
+
+    def __init__(self, tokenizer, data, scale: float, rng: np.random.Generator, seed: int):
+        import torch
+
+        from engine.text import preprocess
+
+        self.tokenizer, self.data, self.scale, self.rng = tokenizer, data, scale, rng
+        self.preprocess = preprocess
+        betas = torch.linspace(SCHEDULER_CONFIG["beta_start"], SCHEDULER_CONFIG["beta_end"],
+                               SCHEDULER_CONFIG["num_train_timesteps"], dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def tokens(self, texts: list[str]):
+        return self.tokenizer([self.preprocess(t) for t in texts], padding="max_length", max_length=TEXT_TOKENS,
+                              truncation=True, return_tensors="pt")
+
+    def draw(self, batch: int, drop: float, t=None):
+        import torch
+
+        bin_scenes, latents, weights = self.data[int(self.rng.integers(len(self.data)))]
+        idx = self.rng.integers(len(bin_scenes), size=batch)
+        x0 = latents[torch.from_numpy(idx)] * self.scale
+        weight = weights[torch.from_numpy(idx)]
+        texts = ["" if self.rng.random() < drop else scenes.caption(self.rng, bin_scenes[i]) for i in idx]
+        if t is None:
+            t = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator)
+        ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise, noise, t, texts, weight
+
+
+def _eps_error(transformer, text_encoder, batches: _Batches, xt, noise, t, texts) -> float:
     import torch
 
-    from engine.text import preprocess
+    with torch.no_grad():
+        tok = batches.tokens(texts)
+        context = text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+        out = transformer(xt, encoder_hidden_states=context, encoder_attention_mask=tok.attention_mask, timestep=t,
+                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    return float(((out[:, : noise.shape[1]] - noise) ** 2).mean())
 
-    betas = torch.linspace(SCHEDULER_CONFIG["beta_start"], SCHEDULER_CONFIG["beta_end"],
-                           SCHEDULER_CONFIG["num_train_timesteps"], dtype=torch.float64)
-    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+
+def train_denoiser(transformer, text_encoder, batches: _Batches, steps: int, batch: int = 32, drop: float = 0.1,
+                   lr: float = 1e-3, text_lr: float = 1e-2, save=None, save_every: int = 2500,
+                   ema_decay: float = 0.999) -> dict[str, float]:
+    """Train, leave the exponential moving average of the weights in the modules (what diffusion models sample
+    with) and return the final probe: epsilon error at t=600 with the right captions, the empty one and shuffled
+    ones. `save()` is called every `save_every` steps with the average in place, so a long run leaves results."""
+    import torch
+
+    snr = batches.alphas_cumprod / (1 - batches.alphas_cumprod)
+    weight = (1 / snr).clamp(min=1, max=MAX_NOISY_WEIGHT).float()
+    # The text's path (T5, the caption projection, cross-attention) learns at a higher rate: at the same rate the
+    # rest of the model learns to denoise from the picture alone long before the caption makes a difference.
+    text = list(text_encoder.parameters()) + list(transformer.caption_projection.parameters())
+    text += [p for name, p in transformer.named_parameters() if ".attn2." in name]
+    text_ids = {id(p) for p in text}
+    rest = [p for p in transformer.parameters() if id(p) not in text_ids]
+    opt = torch.optim.AdamW([{"params": rest, "lr": lr, "peak": lr}, {"params": text, "lr": text_lr, "peak": text_lr}],
+                            weight_decay=0.0)
+    params = rest + text
+    average = [p.detach().clone() for p in params]
+
+    def swap_average() -> None:
+        for p, a in zip(params, average, strict=True):
+            tmp = p.detach().clone()
+            p.data.copy_(a)
+            a.copy_(tmp)
+    # a fixed probe batch: does the caption lower the error? (it must, or guidance has nothing to work with)
+    probe = batches.draw(64, drop=0.0, t=torch.full((64,), 600))
+
+    def probe_errors() -> dict[str, float]:
+        transformer.eval()
+        text_encoder.eval()
+        xt, noise, t, texts, _ = probe
+        errors = {name: _eps_error(transformer, text_encoder, batches, xt, noise, t, captions)
+                  for name, captions in (("right", texts), ("empty", [""] * len(texts)),
+                                         ("wrong", texts[1:] + texts[:1]))}
+        transformer.train()
+        text_encoder.train()
+        return errors
+
     transformer.train()
     text_encoder.train()
-    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
     ema = None
     for step in range(steps):
-        bin_scenes, latents = data[int(rng.integers(len(data)))]
-        idx = rng.integers(len(bin_scenes), size=batch)
-        x0 = latents[torch.from_numpy(idx)] * scale
-        texts = ["" if rng.random() < drop else preprocess(scenes.caption(rng, bin_scenes[i])) for i in idx]
-        tok = tokenizer(texts, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
-        t = torch.randint(0, len(betas), (batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        xt, noise, t, texts, object_weight = batches.draw(batch, drop)
+        tok = batches.tokens(texts)
         for group in opt.param_groups:
-            group["lr"] = _cosine(step, steps, 1e-3, 50)
+            group["lr"] = _cosine(step, steps, group["peak"], 100)
         context = text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
         out = transformer(xt, encoder_hidden_states=context, encoder_attention_mask=tok.attention_mask,
                           timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-        loss = ((out[:, : x0.shape[1]] - noise) ** 2).mean()
+        per_example = (object_weight * (out[:, : noise.shape[1]] - noise) ** 2).mean((1, 2, 3))
+        loss = (weight[t] * per_example).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(average, [p.detach() for p in params], 1 - ema_decay)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 25 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             _log(f"denoiser {step}/{steps} loss {ema:.4f}")
+        if step % 500 == 0 or step == steps - 1:
+            _log("probe at t=600: " + " ".join(f"{k} {v:.4f}" for k, v in probe_errors().items()))
+        if save is not None and step % save_every == save_every - 1 and step != steps - 1:
+            swap_average()
+            save(step + 1)
+            swap_average()
+    swap_average()
     transformer.eval()
     text_encoder.eval()
+    return probe_errors()
 
 
-def train(out_dir: str | Path = WEIGHTS, seed: int = SEED, vae_steps: int = 1500, denoiser_steps: int = 3000,
-          scenes_count: int = 5600, threads: int = 1) -> Path:
-    """Train all three components from `seed` and write the checkpoint to `out_dir` (replaced). Returns it."""
+def train(out_dir: str | Path = WEIGHTS, seed: int = SEED, vae_steps: int = 2000, denoiser_steps: int = 4000,
+          scenes_count: int = 8400, threads: int = 2, vae_from: str | None = None) -> Path:
+    """Train all components from `seed` and write the checkpoint to `out_dir` (replaced). Returns it.
+
+    `vae_from`: take the VAE (and its scaling_factor) of an earlier checkpoint instead of stage 2, for experiments on
+    the denoiser; the stages draw from separate seeded generators, so a VAE from a run with the same seed and VAE
+    settings gives the denoiser the very same start as a full run."""
     import torch
-    from diffusers import AutoencoderKL, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
-    # One thread: with the CPU shared, a second OpenMP thread spins waiting for its partner and made steps 10x
-    # slower here. Results do not depend on it beyond float summation order.
     torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    stage_rng = [np.random.default_rng([seed, stage]) for stage in range(4)]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pixart-train-") as tmp:
-        # The random default's layout gives the tokenizer and scheduler; the weights start from the libraries' own
-        # initialisations (zero-initialised paths stay zero), which train better than the parity tests' draws.
-        base = build_checkpoint(Path(tmp) / "base", TRAINED_TRANSFORMER_CONFIG, T5_CONFIG, VAE_CONFIG, seed)
-        pipe = PixArtSigmaPipeline.from_pretrained(base, torch_dtype=torch.float32)
-        vae = AutoencoderKL(**VAE_CONFIG)
-        transformer = PixArtTransformer2DModel(**TRAINED_TRANSFORMER_CONFIG)
-        text_encoder = T5EncoderModel(T5Config(**{**T5_CONFIG, "vocab_size": pipe.text_encoder.config.vocab_size}))
-        train_vae(vae, rng, vae_steps)
-        data = encode_dataset(vae, rng, scenes_count)
-        every = torch.cat([m.transpose(0, 1).flatten(1) for _, m in data], 1)
+        tokenizer = AutoTokenizer.from_pretrained(train_tokenizer(Path(tmp), stage_rng[0], seed))
+        torch.manual_seed(seed)
+        if vae_from is None:
+            vae = AutoencoderKL(**VAE_CONFIG)
+            train_vae(vae, stage_rng[1], vae_steps)
+        else:
+            vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae").eval()
+        data = encode_dataset(vae, stage_rng[2], scenes_count)
+        every = torch.cat([m.transpose(0, 1).flatten(1) for _, m, _ in data], 1)
         _log(f"latent channel means {every.mean(1).tolist()} stds {every.std(1).tolist()}")
         std = float(every.std())
-        scale = 1.0 / std
-        vae.register_to_config(scaling_factor=round(scale, 5))
-        _log(f"latent std {std:.4f}: scaling_factor {scale:.5f}")
-        train_denoiser(transformer, text_encoder, pipe.tokenizer, data, round(scale, 5), rng, denoiser_steps)
-        trained = PixArtSigmaPipeline(tokenizer=pipe.tokenizer, text_encoder=text_encoder, transformer=transformer,
-                                      vae=vae, scheduler=pipe.scheduler)
+        scale = round(1.0 / std, 5)
+        vae.register_to_config(scaling_factor=scale)
+        _log(f"latent std {std:.4f}: scaling_factor {scale}")
+
+        torch.manual_seed(seed + 3)
+        transformer = PixArtTransformer2DModel(**TRANSFORMER_CONFIG)
+        text_encoder = T5EncoderModel(T5Config(**{**T5_CONFIG, "vocab_size": len(tokenizer)}))
+        batches = _Batches(tokenizer, data, scale, stage_rng[3], seed)
+        trained = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
+                                      vae=vae, scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG))
         out = Path(out_dir)
+
+        def save(step: int) -> None:
+            trained.save_pretrained(out.with_name(f"{out.name}-step{step}"), safe_serialization=True)
+            _log(f"saved the average at step {step}")
+
+        probe = train_denoiser(transformer, text_encoder, batches, denoiser_steps, save=save)
         shutil.rmtree(out, ignore_errors=True)
         trained.save_pretrained(out, safe_serialization=True)
     (out / "training.json").write_text(json.dumps({
-        "seed": seed, "vae_steps": vae_steps, "denoiser_steps": denoiser_steps, "scenes": scenes_count,
-        "latent_std": round(std, 5), "minutes": round((time.perf_counter() - started) / 60, 1),
+        "seed": seed, "vae_steps": vae_steps, "denoiser_steps": denoiser_steps,
+        "scenes": scenes_count, "threads": threads, "vae_from": vae_from, "latent_std": round(std, 5),
+        "probe_eps_error_t600": {k: round(v, 5) for k, v in probe.items()},
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "torch": torch.__version__,
     }, indent=2) + "\n")
     _log(f"wrote {out}")
     return out
@@ -197,11 +317,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(WEIGHTS))
     p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--denoiser-steps", type=int, default=3000)
-    p.add_argument("--scenes", type=int, default=5600)
+    p.add_argument("--vae-steps", type=int, default=2000, help="VAE steps on 64² pictures, batches of 16")
+    p.add_argument("--denoiser-steps", type=int, default=4000)
+    p.add_argument("--scenes", type=int, default=8400, help="scenes encoded for the denoiser")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vae-from", default=None, help="reuse the VAE of this earlier checkpoint (experiments)")
     a = p.parse_args(argv)
-    train(a.out, a.seed, a.vae_steps, a.denoiser_steps, a.scenes)
+    train(a.out, a.seed, a.vae_steps, a.denoiser_steps, a.scenes, a.threads, a.vae_from)
 
 
 if __name__ == "__main__":
