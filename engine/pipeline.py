@@ -311,7 +311,7 @@ class Engine:
                 eps = uncond + np.float32(g.request.guidance_scale) * (eps - uncond)
                 uncond_row += n
             row += n
-            eps = eps[:, : self.latent_channels]  # learned sigma: keep the noise half
+            eps = eps[:, : self.latent_channels]  # learned sigma: keep the prediction half (epsilon or v)
             noise = g.rng.standard_normal(g.latents.shape, dtype=np.float32) if g.sampler.needs_noise else None
             g.latents = g.sampler.step(eps, g.latents, noise)
             g.step_index += 1

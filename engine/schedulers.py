@@ -166,9 +166,18 @@ def _alpha_sigma_lambda(s: float) -> tuple[float, float, float]:
     return alpha, s * alpha, -math.log(s)
 
 
-def _data_prediction(model_output: np.ndarray, sample: np.ndarray, s: float) -> np.ndarray:
-    """x0 = (x - sigma eps) / alpha: both solvers integrate the data-prediction form (DPM-Solver++ Sec. 3)."""
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _data_prediction(model_output: np.ndarray, sample: np.ndarray, s: float, prediction_type: str) -> np.ndarray:
+    """The clean latent x0 the model output implies: both solvers integrate the data-prediction form (DPM-Solver++
+    Sec. 3). epsilon: x0 = (x - sigma eps) / alpha; v (Salimans & Ho 2022, v = alpha eps - sigma x0):
+    x0 = alpha x - sigma v; sample: the output is x0. PixArt-Σ checkpoints are epsilon."""
     alpha, sigma, _ = _alpha_sigma_lambda(s)
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output
+    if prediction_type == "sample":
+        return model_output
     return (sample - sigma * model_output) / alpha
 
 
@@ -189,7 +198,7 @@ class Scheduler:
             "rescale_betas_zero_snr",
         ):
             _refuse(cfg, key, (False, None))
-        _refuse(cfg, "prediction_type", ("epsilon",))
+        _refuse(cfg, "prediction_type", PREDICTION_TYPES)
         self.config = dict(cfg)
         self.schedule = NoiseSchedule(cfg)
         self.timesteps = np.zeros(0, dtype=np.int64)
@@ -266,7 +275,7 @@ class DPMSolverMultistep(Scheduler):
         n = self.num_inference_steps
         x = np.asarray(sample, dtype=np.float64)
         s_k, s_next = float(self.sigmas[k]), float(self.sigmas[k + 1])
-        x0 = _data_prediction(np.asarray(model_output, dtype=np.float64), x, s_k)
+        x0 = _data_prediction(np.asarray(model_output, dtype=np.float64), x, s_k, cfg["prediction_type"])
 
         last = k == n - 1
         final_first_order = last and (
@@ -422,7 +431,8 @@ class SASolver(Scheduler):
             raise ValueError(f"noise shape {noise.shape} != sample shape {sample.shape}")
         x = np.asarray(sample, dtype=np.float64)
         xi = np.asarray(noise, dtype=np.float64)
-        x0 = _data_prediction(np.asarray(model_output, dtype=np.float64), x, float(self.sigmas[k]))
+        x0 = _data_prediction(np.asarray(model_output, dtype=np.float64), x, float(self.sigmas[k]),
+                              self.config["prediction_type"])
 
         if k > 0 and self._last_sample is not None:
             order = self._next_corrector_order

@@ -49,6 +49,7 @@ TRAIN_BINS = ((256, 256), (224, 288), (288, 224), (192, 320), (320, 192), (176, 
 VAE_SIDE = 64  # the VAE trains on whole 64² pictures, a sixteenth of the cost of 256²
 TEXT_TOKENS = 40  # longer than any caption of the grammar
 MAX_NOISY_WEIGHT = 10.0
+PREDICTION = "v_prediction"
 TOKENIZER_CAPTIONS = 4000
 
 
@@ -169,7 +170,10 @@ class _Batches:
             t = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=self.generator)
         noise = torch.randn(x0.shape, generator=self.generator)
         ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise, noise, t, texts, weight
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        # what the transformer learns to output (named like diffusers' `prediction_type`)
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0 if PREDICTION == "v_prediction" else noise
+        return xt, target, t, texts, weight
 
 
 def _eps_error(transformer, text_encoder, batches: _Batches, xt, noise, t, texts) -> float:
@@ -193,6 +197,8 @@ def train_denoiser(transformer, text_encoder, batches: _Batches, steps: int, bat
 
     snr = batches.alphas_cumprod / (1 - batches.alphas_cumprod)
     weight = (1 / snr).clamp(min=1, max=MAX_NOISY_WEIGHT).float()
+    if PREDICTION == "v_prediction":  # the v loss is already the epsilon loss times 1 + 1/SNR
+        weight = torch.ones_like(weight)
     # The text's path (T5, the caption projection, cross-attention) learns at a higher rate: at the same rate the
     # rest of the model learns to denoise from the picture alone long before the caption makes a difference.
     text = list(text_encoder.parameters()) + list(transformer.caption_projection.parameters())
@@ -292,7 +298,8 @@ def train(out_dir: str | Path = WEIGHTS, seed: int = SEED, vae_steps: int = 2000
         text_encoder = T5EncoderModel(T5Config(**{**T5_CONFIG, "vocab_size": len(tokenizer)}))
         batches = _Batches(tokenizer, data, scale, stage_rng[3], seed)
         trained = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
-                                      vae=vae, scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG))
+                                      vae=vae, scheduler=DPMSolverMultistepScheduler(
+                                          **{**SCHEDULER_CONFIG, "prediction_type": PREDICTION}))
         out = Path(out_dir)
 
         def save(step: int) -> None:

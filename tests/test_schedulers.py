@@ -81,10 +81,16 @@ def our_scheduler(name: str, config: dict, sa_orders: tuple[int, int] = (2, 2)) 
     return SASolver(config, predictor_order=sa_orders[0], corrector_order=sa_orders[1])
 
 
-def denoiser_eps(x: np.ndarray, s: float, x0: np.ndarray) -> np.ndarray:
-    """The epsilon a model would predict at ratio s if the clean latent were x0 (so latents stay O(1))."""
+def denoiser_eps(x: np.ndarray, s: float, x0: np.ndarray, prediction: str = "epsilon") -> np.ndarray:
+    """What a model would output at ratio s if the clean latent were x0 (so latents stay O(1)): its epsilon, or for
+    the other prediction types the v or the x0 of the same denoiser."""
     alpha = 1.0 / math.sqrt(1.0 + s * s)
-    return ((x.astype(np.float64) - alpha * x0) / (s * alpha)).astype(np.float32)
+    eps = (x.astype(np.float64) - alpha * x0) / (s * alpha)
+    if prediction == "v_prediction":
+        return (alpha * eps - s * alpha * x0).astype(np.float32)
+    if prediction == "sample":
+        return np.asarray(x0, dtype=np.float32)
+    return eps.astype(np.float32)
 
 
 def run_both(
@@ -97,6 +103,7 @@ def run_both(
     sa_orders: tuple[int, int] = (2, 2),
     float64_reference: bool = False,
 ):
+    prediction = config.get("prediction_type", "epsilon")
     """Run ours and diffusers side by side, each on its own latents; yield (step, ours, reference) per step.
 
     model="denoiser": each scheduler's epsilon comes from denoiser_eps on its own latents with the same random x0
@@ -130,7 +137,7 @@ def run_both(
         x0 = target + 0.5 * rng.standard_normal(SHAPE)
         noise = rng.standard_normal(SHAPE).astype(np.float32)
         if model == "denoiser":
-            eps_ours, eps_ref = denoiser_eps(x_ours, s, x0), denoiser_eps(x_ref.numpy(), s, x0)
+            eps_ours, eps_ref = denoiser_eps(x_ours, s, x0, prediction), denoiser_eps(x_ref.numpy(), s, x0, prediction)
         else:
             eps_ours = eps_ref = rng.standard_normal(SHAPE).astype(np.float32)
         pending.append(noise)
@@ -212,6 +219,29 @@ def test_config_variants_match_diffusers(name: str, case: str, n: int, monkeypat
     atol = 1e-4 if n == 1 else 1e-5
     for k, x_ours, x_ref in run_both(name, config, n, seed=7 * n, monkeypatch=monkeypatch):
         np.testing.assert_allclose(x_ours, x_ref, rtol=1e-5, atol=atol, err_msg=f"{name} {case} N={n} step {k}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+@pytest.mark.parametrize("n", (1, 5, 20))
+def test_other_prediction_types_match_diffusers(name: str, prediction: str, n: int, monkeypatch) -> None:
+    # PixArt-Σ is epsilon; a v-prediction checkpoint (the embedded default's training target) runs through the same
+    # solvers once its output is turned into x0.
+    config = {**PIXART_SIGMA_CONFIG, "prediction_type": prediction}
+    atol = 1e-4 if n == 1 else 1e-5
+    for k, ours, ref in run_both(name, config, n, seed=11 * n, monkeypatch=monkeypatch):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=atol, err_msg=f"{name} {prediction} N={n} step {k}")
+
+
+def test_prediction_type_changes_the_step() -> None:
+    # Guards the test above against both sides ignoring prediction_type.
+    x = np.ones(SHAPE, np.float32)
+    steps = []
+    for prediction in ("epsilon", "v_prediction", "sample"):
+        scheduler = make_scheduler("DPM-SOLVER", {**PIXART_SIGMA_CONFIG, "prediction_type": prediction})
+        scheduler.set_timesteps(5)
+        steps.append(scheduler.step(0.5 * x, x))
+    assert not np.allclose(steps[0], steps[1]) and not np.allclose(steps[1], steps[2])
 
 
 @pytest.mark.parametrize("orders", [(1, 1), (1, 2), (3, 3), (3, 4), (4, 2)])
@@ -347,7 +377,7 @@ def test_make_scheduler_interface() -> None:
         {"solver_type": "heun"},
         {"solver_order": 3},
         {"algorithm_type": "sde-dpmsolver++"},
-        {"prediction_type": "v_prediction"},
+        {"prediction_type": "flow_prediction"},
         {"thresholding": True},
         {"final_sigmas_type": "sigma_max"},
         {"beta_schedule": "squaredcos_cap_v2"},
