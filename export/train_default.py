@@ -49,6 +49,8 @@ TRAIN_BINS = ((256, 256), (224, 288), (288, 224), (192, 320), (320, 192), (176, 
 VAE_SIDE = 64  # the VAE trains on whole 64² pictures, a sixteenth of the cost of 256²
 TEXT_TOKENS = 40  # longer than any caption of the grammar
 MAX_NOISY_WEIGHT = 10.0
+NOISY_FRACTION = 0.4  # half of each batch is drawn from the noisiest 40% of timesteps
+PROBE_T = 850  # where the latent alone barely shows the layout (alpha_bar 0.0007)
 PREDICTION = "v_prediction"
 TOKENIZER_CAPTIONS = 4000
 
@@ -154,6 +156,16 @@ class _Batches:
         self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()
         self.generator = torch.Generator().manual_seed(seed)
 
+    def timesteps(self, batch: int):
+        """Half the batch uniform over all timesteps, half over the noisiest NOISY_FRACTION: the caption decides the
+        picture only where the noisy latent does not show it yet, so that is where text conditioning is learnt."""
+        import torch
+
+        n = len(self.alphas_cumprod)
+        t = torch.randint(0, n, (batch,), generator=self.generator)
+        noisy = torch.randint(int(n * (1 - NOISY_FRACTION)), n, (batch,), generator=self.generator)
+        return torch.where(torch.arange(batch) % 2 == 1, noisy, t)
+
     def tokens(self, texts: list[str]):
         return self.tokenizer([self.preprocess(t) for t in texts], padding="max_length", max_length=TEXT_TOKENS,
                               truncation=True, return_tensors="pt")
@@ -167,7 +179,7 @@ class _Batches:
         weight = weights[torch.from_numpy(idx)]
         texts = ["" if self.rng.random() < drop else scenes.caption(self.rng, bin_scenes[i]) for i in idx]
         if t is None:
-            t = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=self.generator)
+            t = self.timesteps(batch)
         noise = torch.randn(x0.shape, generator=self.generator)
         ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
@@ -191,7 +203,7 @@ def train_denoiser(transformer, text_encoder, batches: _Batches, steps: int, bat
                    lr: float = 1e-3, text_lr: float = 1e-2, save=None, save_every: int = 2500,
                    ema_decay: float = 0.999) -> dict[str, float]:
     """Train, leave the exponential moving average of the weights in the modules (what diffusion models sample
-    with) and return the final probe: epsilon error at t=600 with the right captions, the empty one and shuffled
+    with) and return the final probe: error at PROBE_T with the right captions, the empty one and shuffled
     ones. `save()` is called every `save_every` steps with the average in place, so a long run leaves results."""
     import torch
 
@@ -216,7 +228,7 @@ def train_denoiser(transformer, text_encoder, batches: _Batches, steps: int, bat
             p.data.copy_(a)
             a.copy_(tmp)
     # a fixed probe batch: does the caption lower the error? (it must, or guidance has nothing to work with)
-    probe = batches.draw(64, drop=0.0, t=torch.full((64,), 600))
+    probe = batches.draw(64, drop=0.0, t=torch.full((64,), PROBE_T))
 
     def probe_errors() -> dict[str, float]:
         transformer.eval()
@@ -252,7 +264,7 @@ def train_denoiser(transformer, text_encoder, batches: _Batches, steps: int, bat
         if step % 100 == 0 or step == steps - 1:
             _log(f"denoiser {step}/{steps} loss {ema:.4f}")
         if step % 500 == 0 or step == steps - 1:
-            _log("probe at t=600: " + " ".join(f"{k} {v:.4f}" for k, v in probe_errors().items()))
+            _log(f"probe at t={PROBE_T}: " + " ".join(f"{k} {v:.4f}" for k, v in probe_errors().items()))
         if save is not None and step % save_every == save_every - 1 and step != steps - 1:
             swap_average()
             save(step + 1)
@@ -312,7 +324,7 @@ def train(out_dir: str | Path = WEIGHTS, seed: int = SEED, vae_steps: int = 2000
     (out / "training.json").write_text(json.dumps({
         "seed": seed, "vae_steps": vae_steps, "denoiser_steps": denoiser_steps,
         "scenes": scenes_count, "threads": threads, "vae_from": vae_from, "latent_std": round(std, 5),
-        "probe_eps_error_t600": {k: round(v, 5) for k, v in probe.items()},
+        f"probe_error_t{PROBE_T}": {k: round(v, 5) for k, v in probe.items()},
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "torch": torch.__version__,
     }, indent=2) + "\n")
