@@ -2,25 +2,29 @@
 
     python -m export.train_default [--out export/default_weights]
 
-Four stages, all from one seed on the CPU (two threads by default, about half an hour on two cores):
+Four stages, all from one seed on the CPU (two threads by default; minutes per stage in training.json):
 1. a T5 tokenizer trained on the default corpus plus scene captions, so that every word of the scene grammar is
    one piece (a colour split into sub-words must be reassembled by T5 before the transformer can use it);
 2. the KL VAE on whole rendered 64² scenes (L1 + MSE weighted toward the objects, a small KL term); its latent
    scale is then measured and written as `scaling_factor`, as Stable Diffusion's was;
 3. the scenes of the transformer's data set are rendered at several 256-table aspect-ratio bins and encoded once
    (posterior means), so the denoiser never waits for the VAE;
-4. the PixArt-Σ transformer and the T5 encoder together on those latents: DDPM epsilon loss on the linear-beta
-   schedule of SCHEDULER_CONFIG, weighted toward noisy timesteps and object pixels, a fresh caption per example and
-   step, 10% of captions dropped to the empty text (the unconditional branch of classifier-free guidance).
+4. the PixArt-Σ transformer and the T5 encoder together on those latents: DDPM loss on the linear-beta schedule
+   of SCHEDULER_CONFIG with v-prediction targets, half of each batch at the noisiest timesteps, object pixels
+   weighted, a fresh caption per example and step, 10% of captions dropped to the empty text (the unconditional
+   branch of classifier-free guidance); the saved weights are the exponential moving average.
 
 Why these choices (each measured here, see docs/trained-default.md):
 - The encoder's log-variance starts at -8 (noise std 0.02): from the usual 0, the decoder sees latents drowned in
   unit noise and Adam lowers that bias by about lr per step, so for thousands of steps it learns only the mean colour.
-- The loss at timestep t is weighted by 1/SNR(t) clipped to [1, 10]: the plain epsilon loss is dominated by nearly
-  clean timesteps, where the noisy latent already shows the colours and the caption adds nothing, and at noisy ones
-  an epsilon error hides a 1/SNR times larger error in the picture; weighted, the steps where the text matters
-  carry the gradient. Object pixels count 5x (objects cover a few percent of a scene), and the text's path learns
-  at 10x the rate.
+- v-prediction, not epsilon (the checkpoint's scheduler says `prediction_type: v_prediction`; the engine's and
+  diffusers' samplers read it): a sampler builds a picture's layout from the first steps' estimate of the clean
+  latent, and the estimate implied by a predicted epsilon divides its error by sqrt(alpha_bar) (~0.02 at t=900).
+  A tiny epsilon model therefore drew the same layout for every prompt of a seed; with v the estimate is
+  well-conditioned at every noise level and the caption matters from the first few hundred steps.
+- Half of each batch comes from the noisiest 40% of timesteps: the caption decides the picture only where the
+  noisy latent does not show it yet. Object pixels count 5x (objects cover a few percent of a scene), and the
+  text's path (T5, the caption projection, cross-attention) learns at 10x the rate.
 - T5 is trained with the transformer rather than frozen: a random 48-wide T5 mixes neighbouring words too weakly
   for "red circle on blue" and "blue circle on red" to come apart.
 The transformer keeps PixArt's learned-sigma layout (8 output channels). Neither sampler in the engine (nor diffusers'
@@ -48,7 +52,6 @@ from export.default_model import SCHEDULER_CONFIG, SEED, T5_CONFIG, TRANSFORMER_
 TRAIN_BINS = ((256, 256), (224, 288), (288, 224), (192, 320), (320, 192), (176, 352), (352, 176))
 VAE_SIDE = 64  # the VAE trains on whole 64² pictures, a sixteenth of the cost of 256²
 TEXT_TOKENS = 40  # longer than any caption of the grammar
-MAX_NOISY_WEIGHT = 10.0
 NOISY_FRACTION = 0.4  # half of each batch is drawn from the noisiest 40% of timesteps
 PROBE_T = 850  # where the latent alone barely shows the layout (alpha_bar 0.0007)
 PREDICTION = "v_prediction"
@@ -183,12 +186,11 @@ class _Batches:
         noise = torch.randn(x0.shape, generator=self.generator)
         ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        # what the transformer learns to output (named like diffusers' `prediction_type`)
-        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0 if PREDICTION == "v_prediction" else noise
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0  # v, what PREDICTION names
         return xt, target, t, texts, weight
 
 
-def _eps_error(transformer, text_encoder, batches: _Batches, xt, noise, t, texts) -> float:
+def _prediction_error(transformer, text_encoder, batches: _Batches, xt, target, t, texts) -> float:
     import torch
 
     with torch.no_grad():
@@ -196,7 +198,7 @@ def _eps_error(transformer, text_encoder, batches: _Batches, xt, noise, t, texts
         context = text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
         out = transformer(xt, encoder_hidden_states=context, encoder_attention_mask=tok.attention_mask, timestep=t,
                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-    return float(((out[:, : noise.shape[1]] - noise) ** 2).mean())
+    return float(((out[:, : target.shape[1]] - target) ** 2).mean())
 
 
 def train_denoiser(transformer, text_encoder, batches: _Batches, steps: int, batch: int = 32, drop: float = 0.1,
@@ -207,10 +209,6 @@ def train_denoiser(transformer, text_encoder, batches: _Batches, steps: int, bat
     ones. `save()` is called every `save_every` steps with the average in place, so a long run leaves results."""
     import torch
 
-    snr = batches.alphas_cumprod / (1 - batches.alphas_cumprod)
-    weight = (1 / snr).clamp(min=1, max=MAX_NOISY_WEIGHT).float()
-    if PREDICTION == "v_prediction":  # the v loss is already the epsilon loss times 1 + 1/SNR
-        weight = torch.ones_like(weight)
     # The text's path (T5, the caption projection, cross-attention) learns at a higher rate: at the same rate the
     # rest of the model learns to denoise from the picture alone long before the caption makes a difference.
     text = list(text_encoder.parameters()) + list(transformer.caption_projection.parameters())
@@ -233,8 +231,8 @@ def train_denoiser(transformer, text_encoder, batches: _Batches, steps: int, bat
     def probe_errors() -> dict[str, float]:
         transformer.eval()
         text_encoder.eval()
-        xt, noise, t, texts, _ = probe
-        errors = {name: _eps_error(transformer, text_encoder, batches, xt, noise, t, captions)
+        xt, target, t, texts, _ = probe
+        errors = {name: _prediction_error(transformer, text_encoder, batches, xt, target, t, captions)
                   for name, captions in (("right", texts), ("empty", [""] * len(texts)),
                                          ("wrong", texts[1:] + texts[:1]))}
         transformer.train()
@@ -245,15 +243,14 @@ def train_denoiser(transformer, text_encoder, batches: _Batches, steps: int, bat
     text_encoder.train()
     ema = None
     for step in range(steps):
-        xt, noise, t, texts, object_weight = batches.draw(batch, drop)
+        xt, target, t, texts, object_weight = batches.draw(batch, drop)
         tok = batches.tokens(texts)
         for group in opt.param_groups:
             group["lr"] = _cosine(step, steps, group["peak"], 100)
         context = text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
         out = transformer(xt, encoder_hidden_states=context, encoder_attention_mask=tok.attention_mask,
                           timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-        per_example = (object_weight * (out[:, : noise.shape[1]] - noise) ** 2).mean((1, 2, 3))
-        loss = (weight[t] * per_example).mean()
+        loss = (object_weight * (out[:, : target.shape[1]] - target) ** 2).mean((1, 2, 3)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
