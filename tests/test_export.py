@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from engine.positions import sincos_pos_embed
+from export.default_model import TRANSFORMER_CONFIG
+
+INNER_DIM = TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"]
 
 CPU = ["CPUExecutionProvider"]
 
@@ -118,10 +121,11 @@ def test_host_position_embedding_equals_diffusers_for_every_bin(components, defa
         np.testing.assert_allclose(sincos_pos_embed(dim, rows, cols, base, scale)[0], ref.float().numpy(), atol=2e-6)
 
 
-def test_manifest_holds_what_the_runtime_needs(default_export):
+def test_manifest_holds_what_the_runtime_needs(default_export, default_checkpoint):
     manifest = json.loads((default_export / "manifest.json").read_text())
     assert manifest["precision"] == "fp32"
-    assert manifest["vae"]["scaling_factor"] == pytest.approx(0.13025)
+    vae_config = json.loads((default_checkpoint / "vae" / "config.json").read_text())
+    assert manifest["vae"]["scaling_factor"] == pytest.approx(vae_config["scaling_factor"])
     assert manifest["vae"]["scale_factor"] == 8
     assert manifest["scheduler"]["config"]["algorithm_type"] == "dpmsolver++"
     assert manifest["text_encoder"]["max_sequence_length"] == 300
@@ -205,7 +209,7 @@ def test_fused_graphs_match_the_plain_ones_and_fusions_landed(default_export, co
                  "timestep": np.array([999.0, 3.0], np.float32),
                  "encoder_hidden_states": rng.standard_normal((2, 32, 48), np.float32),
                  "encoder_attention_mask": np.ones((2, 32), np.int64),
-                 "pos_embed": sincos_pos_embed(32, 48, 84, 64.0, 2.0)}
+                 "pos_embed": sincos_pos_embed(INNER_DIM, 48, 84, 64.0, 2.0)}
     plain = _session(default_export / manifest["files"][component]).run(None, feeds)[0]
     fused = _session(fused_path).run(None, feeds)[0]
     np.testing.assert_allclose(fused, plain, atol=1e-5 * np.abs(plain).max())
@@ -220,7 +224,8 @@ def test_int8_transformer_runs_close_to_fp32(default_export, tmp_path):
     rng = np.random.default_rng(1)
     feeds = {"latents": rng.standard_normal((1, 4, 64, 64), np.float32), "timestep": np.array([500.0], np.float32),
              "encoder_hidden_states": rng.standard_normal((1, 32, 48), np.float32),
-             "encoder_attention_mask": np.ones((1, 32), np.int64), "pos_embed": sincos_pos_embed(32, 32, 32, 64.0, 2.0)}
+             "encoder_attention_mask": np.ones((1, 32), np.int64),
+             "pos_embed": sincos_pos_embed(INNER_DIM, 32, 32, 64.0, 2.0)}
     ref = _session(default_export / "transformer.onnx").run(None, feeds)[0]
     out = _session(q).run(None, feeds)[0]
     cosine = float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out))
@@ -268,8 +273,9 @@ def test_an_older_export_gains_fused_attention_in_place(default_checkpoint, tmp_
     export_model(default_checkpoint, tmp_path, optimize=False, precisions=["fp16"], progress=False)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     fp16 = tmp_path / manifest["variants"]["fp16"]["transformer"]
-    assert op_counts(fp16)["MultiHeadAttention"] == 2  # new exports fuse the fp16 graph already
-    assert add_variants(tmp_path, quantize_transformer=True) == {"transformer.opt.onnx": "2 attentions fused",
+    layers = TRANSFORMER_CONFIG["num_layers"]
+    assert op_counts(fp16)["MultiHeadAttention"] == layers  # new exports fuse the fp16 graph already
+    assert add_variants(tmp_path, quantize_transformer=True) == {"transformer.opt.onnx": f"{layers} attentions fused",
                                                                  "transformer.fp16-int8.onnx": "int8 weights"}
     assert add_variants(tmp_path, quantize_transformer=True) == {}  # idempotent
     from engine import Engine, GenerationRequest

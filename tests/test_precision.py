@@ -18,9 +18,11 @@ import torch
 
 from engine import GenerationRequest
 from engine.positions import sincos_pos_embed
+from export.default_model import TRANSFORMER_CONFIG
 from export.precision import cast_pairs, half_copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+INNER_DIM = TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def transformer_feeds(seed: int = 0, hw: tuple[int, int] = (32, 24)) -> dict[str
         "timestep": np.array([999.0, 250.0], np.float32),
         "encoder_hidden_states": rng.standard_normal((2, 32, 48), dtype=np.float32),
         "encoder_attention_mask": np.array([[1] * 9 + [0] * 23, [1] * 32], np.int64),
-        "pos_embed": sincos_pos_embed(32, h // 2, w // 2, 16.0, 0.5),
+        "pos_embed": sincos_pos_embed(INNER_DIM, h // 2, w // 2, 16.0, 0.5),
     }
 
 
