@@ -1,6 +1,6 @@
 """How well the trained default draws what it is asked, measured through the engine on held-out prompts.
 
-    python -m export.evaluate_default EXPORT_DIR [--grid docs/default_grid.png]
+    python -m export.evaluate_default EXPORT_DIR [--grid docs/default-grid.png]
 
 Prints the accuracy table of the README (object colour, position, background, all three) for guidance 1 and 4.5
 with both samplers, and can write the README's grid of prompts and their pictures.
