@@ -189,6 +189,7 @@ def held_out_prompts(n: int = len(HELD_OUT), seed: int = 7) -> list[tuple[str, S
 # Scoring: what a picture shows, read from its pixels
 # --------------------------------------------------------------------------------------------------------------------
 
+ATTRIBUTES = ("colour", "position", "background", "all")  # what score() reports, "all" meaning the three at once
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _NAMES = list(COLOURS)
 
@@ -230,7 +231,7 @@ def read_picture(image: np.ndarray) -> Reading:
 
 def score(readings: list[Reading], scenes: list[Scene]) -> dict[str, float]:
     """Accuracy per attribute (object colour, position, background) and of all three at once."""
-    hits = {"colour": 0, "position": 0, "background": 0, "all": 0}
+    hits = dict.fromkeys(ATTRIBUTES, 0)
     for r, s in zip(readings, scenes, strict=True):
         t = s.objects[0]
         ok = (r.colour == t.colour, r.position == t.position, r.background == s.background)

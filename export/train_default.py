@@ -226,6 +226,7 @@ def train_denoiser(transformer, text_encoder, batches: _Batches, steps: int, bat
             tmp = p.detach().clone()
             p.data.copy_(a)
             a.copy_(tmp)
+
     # a fixed probe batch: does the caption lower the error? (it must, or guidance has nothing to work with)
     probe = batches.draw(64, drop=0.0, t=torch.full((64,), PROBE_T))
 

@@ -17,13 +17,12 @@ from export.evaluate_default import evaluate
 
 pytestmark = pytest.mark.slow  # 4 x 36 generations
 
-ATTRIBUTES = ("colour", "position", "background", "all")
 # Measured on the committed weights, per (sampler, guidance): the share of the 36 held-out prompts read back right.
 # (colour, position, background, all three) out of 36, as `python -m export.evaluate_default` printed them.
-MEASURED = {("DPM-SOLVER", 1.0): dict(zip(ATTRIBUTES, (23 / 36, 34 / 36, 36 / 36, 22 / 36), strict=True)),
-            ("DPM-SOLVER", 4.5): dict(zip(ATTRIBUTES, (13 / 36, 26 / 36, 28 / 36, 9 / 36), strict=True)),
-            ("SA-SOLVER", 1.0): dict(zip(ATTRIBUTES, (17 / 36, 32 / 36, 36 / 36, 16 / 36), strict=True)),
-            ("SA-SOLVER", 4.5): dict(zip(ATTRIBUTES, (11 / 36, 25 / 36, 23 / 36, 5 / 36), strict=True))}
+MEASURED = {("DPM-SOLVER", 1.0): dict(zip(scenes.ATTRIBUTES, (23 / 36, 34 / 36, 36 / 36, 22 / 36), strict=True)),
+            ("DPM-SOLVER", 4.5): dict(zip(scenes.ATTRIBUTES, (13 / 36, 26 / 36, 28 / 36, 9 / 36), strict=True)),
+            ("SA-SOLVER", 1.0): dict(zip(scenes.ATTRIBUTES, (17 / 36, 32 / 36, 36 / 36, 16 / 36), strict=True)),
+            ("SA-SOLVER", 4.5): dict(zip(scenes.ATTRIBUTES, (11 / 36, 25 / 36, 23 / 36, 5 / 36), strict=True))}
 MARGIN = 0.12  # about 4 of 36 prompts
 
 
@@ -37,7 +36,7 @@ def accuracy(engine) -> dict[tuple[str, float], dict[str, float]]:
 @pytest.mark.parametrize("sampler", SCHEDULERS)
 def test_held_out_prompts_are_drawn_as_asked(accuracy, sampler, guidance):
     measured, got = MEASURED[(sampler, guidance)], accuracy[(sampler, guidance)]
-    for attribute in ATTRIBUTES:
+    for attribute in scenes.ATTRIBUTES:
         assert got[attribute] >= measured[attribute] - MARGIN, (attribute, got)
 
 
