@@ -21,7 +21,8 @@ $(BIN)/pixart: pyproject.toml
 
 install: $(BIN)/pixart
 
-$(MODEL)/manifest.json: | $(BIN)/pixart
+# re-exported when the committed default weights change (a pull that retrains the default)
+$(MODEL)/manifest.json: $(wildcard export/default_weights/*.json export/default_weights/*/*) | $(BIN)/pixart
 	$(BIN)/pixart export --out $(MODEL) --safety-checker
 
 # Main job: the gRPC service on the embedded default model (exported on first run).

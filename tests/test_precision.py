@@ -105,7 +105,11 @@ def test_fp16_and_bf16_transformer_step(half_export, default_checkpoint):
     from onnx.reference import ReferenceEvaluator
 
     bf16 = ReferenceEvaluator(str(half_export / "transformer.bf16.onnx")).run(None, feeds)[0]
-    assert np.isfinite(bf16).all() and np.abs(bf16 - fp32).max() < 0.05 * scale
+    # bf16 keeps 8 significant bits: on the trained default 5.6% of the output's range at worst (cosine 0.9995;
+    # `python -m benchmarks.precision --config tiny`), and as far from torch's own bf16 module
+    assert np.isfinite(bf16).all() and np.abs(bf16 - fp32).max() < 0.08 * scale
+    cosine = (bf16 * fp32).sum() / np.linalg.norm(bf16) / np.linalg.norm(fp32)
+    assert cosine > 0.999
     # against diffusers' module in the same precision
     module = PixArtTransformer2DModel.from_pretrained(default_checkpoint, subfolder="transformer").eval()
     with torch.no_grad():
