@@ -50,9 +50,9 @@ def test_guidance_helps(accuracy):
 
 
 def test_the_vae_decodes_what_guidance_extrapolates(engine, default_checkpoint):
-    # Guidance 4.5 moves latents 3.5x their distance from the unconditional estimate; the VAE was trained to decode
-    # them as the picture they extrapolate rather than as other colours (export/train_default.py), without which
-    # guidance made the model worse.
+    # Guidance 4.5 moves the model's estimate 3.5x its distance from the unconditional one, out of the latents the
+    # encoder makes; the VAE was trained to decode such latents as the picture they extrapolate rather than as other
+    # colours (export/train_default.py), without which guidance made the model worse.
     got = extrapolated_scenes(engine, default_checkpoint)
     for reach, measured in EXTRAPOLATED.items():
         for attribute, value in zip(scenes.ATTRIBUTES, measured, strict=True):

@@ -52,3 +52,20 @@ def test_captions_name_what_is_drawn():
         for thing in scene.objects:
             assert thing.colour in text
             assert any(word in text for word in scenes.SHAPE_WORDS[thing.shape])
+
+
+def test_scorer_ignores_stray_pixels_and_edge_blends():
+    # What a generated picture has and a person does not count as a colour: isolated off-colour pixels (speckle)
+    # and a thin band of in-between colour where the object meets the background (red on blue blends to purple).
+    # Here they outnumber the object's own pixels, as they did at 1024² on the earlier default.
+    size = 256
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - 128, xx - 128)
+    picture = np.empty((size, size, 3), np.uint8)
+    picture[:] = scenes.COLOURS["blue"]
+    picture[r < 30] = scenes.COLOURS["red"]
+    picture[(r >= 30) & (r < 32)] = scenes.COLOURS["purple"]
+    speckle = (yy % 4 == 0) & (xx % 4 == 0) & (r > 40)
+    picture[speckle] = scenes.COLOURS["purple"]
+    assert speckle.sum() + ((r >= 30) & (r < 32)).sum() > (r < 30).sum()
+    assert scenes.read_picture(picture) == scenes.Reading("blue", "red", "center")
