@@ -61,12 +61,12 @@ def extrapolated_scenes(engine, checkpoint: str | Path, reaches: tuple[float, ..
     from diffusers import AutoencoderKL
 
     from engine.resolution import to_uint8
+    from export.train_default import pictures_to_tensor
 
     vae = AutoencoderKL.from_pretrained(Path(checkpoint) / "vae").eval()
     held_out = [scene for _, scene in scenes.held_out_prompts()]
-    pictures = np.stack([scenes.render(scene, 256, 256) for scene in held_out])
     with torch.no_grad():
-        x = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = pictures_to_tensor([scenes.render(scene, 256, 256) for scene in held_out])
         z = vae.encode(x).latent_dist.mean.numpy() * np.float32(vae.config.scaling_factor)
     flat = z.mean(axis=(2, 3), keepdims=True)
     out = {}

@@ -80,7 +80,8 @@ def _cosine(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _to_tensor(images: list[np.ndarray]):
+def pictures_to_tensor(images: list[np.ndarray]):
+    """(H, W, 3) uint8 pictures -> a (B, 3, H, W) float batch in [-1, 1], as the VAE takes them."""
     import torch
 
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -118,8 +119,8 @@ def train_vae(vae, rng: np.random.Generator, steps: int, lr: float = 2e-3, batch
     half = batch // 2
     for step in range(steps):
         picked = [pool[int(i)] for i in rng.integers(len(pool), size=batch)]
-        x = _to_tensor([p for p, _ in picked])
-        twin = _to_tensor([t for _, t in picked[half:]])
+        x = pictures_to_tensor([p for p, _ in picked])
+        twin = pictures_to_tensor([t for _, t in picked[half:]])
         for group in opt.param_groups:
             group["lr"] = _cosine(step, steps, lr, 50)
         posterior = vae.encode(torch.cat([x, twin])).latent_dist
@@ -173,7 +174,7 @@ def encode_dataset(vae, rng: np.random.Generator, n: int) -> list[tuple[list[sce
             bin_scenes = [scenes.random_scene(rng) for _ in range(per_bin)]
             means, weights = [], []
             for i in range(0, per_bin, 64):
-                x = _to_tensor([scenes.render(s, h, w) for s in bin_scenes[i : i + 64]])
+                x = pictures_to_tensor([scenes.render(s, h, w) for s in bin_scenes[i : i + 64]])
                 means.append(vae.encode(x).latent_dist.mean)
                 weights.append(torch.nn.functional.avg_pool2d(_object_weight(x), factor))
             out.append((bin_scenes, torch.cat(means), torch.cat(weights)))
