@@ -86,13 +86,17 @@ def quantize_weights(path: Path, out: Path, q: WeightOnly) -> Path:
 
 
 def quantize_int8(path: Path, out: Path) -> Path:
-    """Dynamic int8 quantization of MatMul weights (activations stay fp32, quantized per call)."""
+    """Dynamic int8 quantization of MatMul weights (activations stay fp32, quantized per call).
+
+    Weights use 7 of their 8 bits (`reduce_range`): on x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake)
+    ONNX Runtime's u8 x s8 kernel sums pairs of products in 16 bits and saturates; measured on the default model's
+    transformer on an AVX2-only EPYC, cosine to fp32 0.967 with 8-bit weights and 0.995 with 7."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out.unlink(missing_ok=True)
     external = path.with_name(path.name + ".data").exists()
     quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True, use_external_data_format=external)
+                     per_channel=True, reduce_range=True, use_external_data_format=external)
     return out
 
 
