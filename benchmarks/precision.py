@@ -4,7 +4,7 @@ modules in the same precision, images' PSNR at two bins, finiteness. Writes benc
     python -m benchmarks.precision --config tiny|small      # the checkpoint's three components, end to end
     python -m benchmarks.precision --config full-transformer  # PixArt-Σ XL/2 at real dimensions, one step
 
-What the CPU can show (see tests/test_precision.py): fp16 storage with fp32 arithmetic (ONNX Runtime's CPU provider
+What the CPU can show (see tests/export/test_precision.py): fp16 storage with fp32 arithmetic (ONNX Runtime's CPU provider
 inserts casts) and bf16 in onnx's reference evaluator; not the rounding of fp16 accumulation on a GPU.
 """
 

@@ -12,7 +12,7 @@ Precision: betas and alphas_cumprod are float32 and bit-identical to diffusers' 
 float32 and within one ulp of them (torch's CPU float32 sqrt is not correctly rounded; numpy's is). The per-step scalar
 coefficients and the array updates are float64, rounded to float32 once per step. diffusers does the same math in
 float32, so the two agree to float32 rounding, not bit for bit: at t = 999 the eps-to-x0 conversion divides by
-alpha ~ 0.006, so one ulp of difference in sigma becomes ~1e-5 in x0 (tests/test_schedulers.py states what is reached).
+alpha ~ 0.006, so one ulp of difference in sigma becomes ~1e-5 in x0 (tests/engine/test_schedulers.py states what is reached).
 
 Everything applied to a sample is elementwise with per-step scalar coefficients, so row i of a batched call equals the
 same row computed alone, whatever else shares the batch.

@@ -1,6 +1,6 @@
 """Half-precision variants of the text encoder and the transformer, exported from torch modules cast to fp16/bf16.
 
-What stays fp32, and why (each measured: tests/test_precision.py and benchmarks/precision.py):
+What stays fp32, and why (each measured: tests/export/test_precision.py and benchmarks/precision.py):
 * Inputs and outputs of every graph: the engine's loop, the samplers and the VAE stay fp32, with no conversions.
 * T5's feed-forward output projections (`wo`) and so its residual stream: T5's feed-forward activations overflow
   fp16 (transformers keeps `wo` in fp32 for that reason); with `wo` in fp32, each block's output is fp32 and the

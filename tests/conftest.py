@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest_server import export_dir, shared_engine
+from tests.support.servers import export_dir, shared_engine
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import yaml
 from pixart_cli import build_parser
 from server.metrics import Metrics
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ROOT = DEPLOY.parent
 
 

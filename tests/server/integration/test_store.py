@@ -7,7 +7,7 @@ import sqlite3
 import threading
 
 import pytest
-from postgres import new_database
+from tests.support.postgres import new_database
 
 from server import store as st
 from server.store import SchemaTooNew, SqliteStore, new_request_id, open_store

@@ -13,9 +13,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-import s3server
-from conftest_server import ServerThread, config, wait_for
-from postgres import new_database
+from tests.support import s3server
+from tests.support.servers import ServerThread, config, wait_for
+from tests.support.postgres import new_database
 
 from protos.pixart.v1 import pixart_pb2 as pb
 from server import store as st

@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
 import pytest
-from conftest_server import ROOT, ServerProcess, export_dir, wait_for
-from postgres import new_database
+from tests.support.servers import ROOT, ServerProcess, export_dir, wait_for
+from tests.support.postgres import new_database
 
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.client import Client

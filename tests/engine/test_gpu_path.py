@@ -122,7 +122,7 @@ def test_build_engines_says_what_it_needs_on_a_machine_without_tensorrt(default_
 
     if TENSORRT in default_providers():
         pytest.skip("this machine has TensorRT: the command would build engines")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, str(root / "pixart_cli.py"), "build-engines", "--engine",
                            str(default_export)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "TensorRT provider" in done.stderr

@@ -10,7 +10,7 @@ import signal
 
 import grpc
 import pytest
-from conftest_server import ServerProcess, health, wait_for
+from tests.support.servers import ServerProcess, health, wait_for
 
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.client import Client, PixArtError

@@ -66,7 +66,7 @@ def test_gpu_benchmark_script_runs_end_to_end_on_cpu(small_export, tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, DEVICE="cpu", CONFIG="small", SIZE="256", STEPS="2", REPEATS="1", ONLY="e2e,step",
                OUT=str(tmp_path), PYTHON=sys.executable)
     done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh")], cwd=root, env=env, capture_output=True,

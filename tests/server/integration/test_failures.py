@@ -9,7 +9,7 @@ import shutil
 
 import grpc
 import pytest
-from conftest_server import ServerThread, config, shared_engine, wait_for
+from tests.support.servers import ServerThread, config, shared_engine, wait_for
 
 from engine.manifest import ManifestError
 from protos.pixart.v1 import pixart_pb2 as pb

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest_server import ServerThread, config, wait_for
+from tests.support.servers import ServerThread, config, wait_for
 
 from server.webhooks import verify
 
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 KEY = "fal-test-key"
 APP = "fal-ai/pixart-sigma"
 CHEAP = {"num_inference_steps": 2, "image_size": {"width": 256, "height": 256}}
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest_server import wait_for
-from test_fal import KEY, Hook, server, tls  # noqa: F401  (the same TLS server fixture)
+from tests.support.servers import wait_for
+from tests.acceptance.test_fal import KEY, Hook, server, tls  # noqa: F401  (the same TLS server fixture)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
-JS = Path(__file__).resolve().parent / "js"
+JS = Path(__file__).resolve().parents[1] / "js"
 
 
 @pytest.fixture(scope="module")

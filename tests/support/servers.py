@@ -1,4 +1,4 @@
-"""Helpers for the server tests (imported by tests/test_server*.py; not a pytest conftest).
+"""Real servers for the tests: the default export built once, in-process servers and `pixart serve` processes.
 
 The engine export is built once per test session (`pixart export --out DIR`), or taken from PIXART_TEST_EXPORT
 when that names an existing export folder, so that a developer can skip the build. Servers are real: gRPC on
@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.app import App, ServerConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _lock = threading.Lock()
 _export: Path | None = None
 _engine: Any = None

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import numpy as np
 import pytest
-from conftest_server import (
+from tests.support.servers import (
     ServerThread,
     config,
     health,

@@ -1,7 +1,7 @@
 """The procedural scenes the default model is to be trained on (export.scenes): the scorer reads the renderer's
 pictures back exactly and rejects wrong ones, and training data never shows a held-out combination alone.
 
-They are the ground under the trained default's quality tests (tests/test_default_quality.py): a model's
+They are the ground under the trained default's quality tests (tests/training/test_default_quality.py): a model's
 accuracy means something only if the scorer is exact on ground truth.
 """
 

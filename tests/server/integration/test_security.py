@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import grpc
 import pytest
-from conftest_server import ServerProcess, ServerThread, config, health, shared_engine, wait_for
+from tests.support.servers import ServerProcess, ServerThread, config, health, shared_engine, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
