@@ -22,7 +22,7 @@ $(BIN)/pixart: pyproject.toml
 install: $(BIN)/pixart
 
 # re-exported when the committed default weights change (a pull that retrains the default)
-$(MODEL)/manifest.json: $(wildcard export/default_weights/*.json export/default_weights/*/*) | $(BIN)/pixart
+$(MODEL)/manifest.json: $(wildcard default_model/weights/*.json default_model/weights/*/*) | $(BIN)/pixart
 	$(BIN)/pixart export --out $(MODEL) --safety-checker
 
 # Main job: the gRPC service on the embedded default model (exported on first run).

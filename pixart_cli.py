@@ -13,11 +13,17 @@ from engine import vocabulary as v
 
 
 def _export(args: argparse.Namespace) -> None:
-    from export.onnx_export import export_model
+    from export.onnx_export import check_options, export_model
 
     precisions = [x.strip() for x in args.precision.split(",") if x.strip() and x.strip() != "fp32"]
     quantized = [q.strip() for q in args.quantize_text_encoder.split(",") if q.strip()]
-    manifest = export_model(args.model, args.out, base=args.base, precisions=precisions,
+    check_options(precisions, quantized, args.quantize_transformer)  # before the default's checkpoint is written
+    model = args.model
+    if model is None:  # the embedded default: its checkpoint is written beside the export, which is made from it
+        from default_model.checkpoint import build_default_model
+
+        model = build_default_model(Path(args.out) / "checkpoint")
+    manifest = export_model(model, args.out, base=args.base, precisions=precisions,
                             optimize=not args.no_optimize, int8=args.int8,
                             quantize_text_encoder=quantized, text_encoder_precision=args.text_encoder_precision,
                             quantize_transformer=args.quantize_transformer,
@@ -27,7 +33,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _build_default(args: argparse.Namespace) -> None:
-    from export.default_model import build_default_model
+    from default_model.checkpoint import build_default_model
 
     print(build_default_model(args.out))
 

@@ -22,10 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
-PROMPT = "a small red fox sitting in fresh snow, 35mm photo"
-NEGATIVE = "blurry, low quality"
+from benchmarks import bench_options
+from benchmarks.common.machine import machine_info, versions
+from benchmarks.common.paths import ROOT
+from benchmarks.common.prompts import NEGATIVE, PROMPTS
+from benchmarks.common.report import write_report
+
 DEFAULT_SIDES = "default,fp16,edge,edge-int4,eager,eager-tiled"
 EXPORT_OPTIONS = {"optimize": False, "precisions": ["fp16"], "quantize_text_encoder": ["int4", "int8"],
                   "text_encoder_precision": "fp16"}
@@ -74,8 +76,9 @@ def _engine_side(spec: dict) -> dict:
     stages = Stages()
     with tempfile.TemporaryDirectory() as cache:
         engine = stages.run("load", lambda: Engine.load(spec["export"], **plan.engine_options(cache)))
-        request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, image_size=(spec["size"], spec["size"]),
-                                    num_inference_steps=spec["steps"], seed=1, clean_caption=False)
+        request = GenerationRequest(prompt=PROMPTS[0], negative_prompt=NEGATIVE,
+                                    image_size=(spec["size"], spec["size"]), num_inference_steps=spec["steps"], seed=1,
+                                    clean_caption=False)
         g = stages.run("text_encoding", lambda: engine.prepare(request))
 
         def denoise():
@@ -110,7 +113,7 @@ def _eager_side(spec: dict) -> dict:
     size, steps = spec["size"], spec["steps"]
     with torch.no_grad():
         embeds = stages.run("text_encoding", lambda: pipe.encode_prompt(
-            PROMPT, negative_prompt=NEGATIVE, do_classifier_free_guidance=True, clean_caption=False))
+            PROMPTS[0], negative_prompt=NEGATIVE, do_classifier_free_guidance=True, clean_caption=False))
         p, pm, n, nm = embeds
         latents = stages.run("denoising", lambda: pipe(
             prompt_embeds=p, prompt_attention_mask=pm, negative_prompt=None, negative_prompt_embeds=n,
@@ -165,11 +168,10 @@ def _exceeds_machine(export: Path, side: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.bench import command_line, machine_info, versions
     from benchmarks.models import cached_export
 
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    report = {"command": command_line(args), "machine": machine_info(), "versions": versions(),
+    report = {"command": bench_options.command_line(args), "machine": machine_info(), "versions": versions(),
               "config": args.config, "steps": args.steps, "results": {}}
     for size in [int(s) for s in args.sizes.split(",")]:
         checkpoint, export, info = cached_export(args.config, size, progress=not args.no_progress,
@@ -189,11 +191,7 @@ def run(args: argparse.Namespace) -> int:
                     "checkpoint": str(checkpoint)}
             rows[side] = measure(spec)
             print(f"{size}² {side}: {json.dumps(rows[side].get('peaks_mib') or rows[side])}", flush=True)
-    stem = f"memory-{args.tag or args.config}"
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (out_dir / f"{stem}.md").write_text(markdown(report))
+    write_report(Path(args.out_dir), f"memory-{args.tag or args.config}", report, markdown(report))
     print(markdown(report))
     return 0
 
@@ -218,10 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         return _worker(Path(argv[1]))
-    from benchmarks.bench import add_arguments as bench_arguments
-
     parser = argparse.ArgumentParser(prog="pixart bench --memory", description=__doc__.split("\n\n")[0])
-    bench_arguments(parser)
+    bench_options.add_arguments(parser)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

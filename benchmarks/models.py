@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from export.default_model import T5_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
+from default_model.config import SEED, T5_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
 
 CACHE = Path(__file__).parent / ".cache"
 CONFIGS = ("tiny", "small", "full")
@@ -50,10 +50,8 @@ FULL_T5 = {**SMALL_T5, "num_layers": 24}
 
 def configs(config: str) -> tuple[dict, dict, dict]:
     """(transformer, T5, VAE) configs of `config`; build_checkpoint sets the layout of a side."""
-    from export import default_model as dm
-
     if config == "tiny":
-        return dict(dm.TRANSFORMER_CONFIG), dict(dm.T5_CONFIG), dict(dm.VAE_CONFIG)
+        return dict(TRANSFORMER_CONFIG), dict(T5_CONFIG), dict(VAE_CONFIG)
     if config == "small":
         return dict(SMALL_TRANSFORMER), dict(SMALL_T5), dict(SDXL_VAE)
     if config == "full":
@@ -63,23 +61,23 @@ def configs(config: str) -> tuple[dict, dict, dict]:
 
 def build_checkpoint(config: str, out_dir: str | Path, *, side: int = 1024, seed: int | None = None) -> Path:
     """Write the `config` checkpoint laid out for `side`² (diffusers format) to `out_dir` and return it."""
-    from export import default_model as dm
+    from default_model.checkpoint import build_default_model
 
     if side not in SIDES:
         raise ValueError(f"side {side}: diffusers has bin tables for {', '.join(map(str, SIDES))} only")
-    seed = dm.SEED if seed is None else seed
+    seed = SEED if seed is None else seed
     out = Path(out_dir)
-    if config == "tiny" and side == 256 and seed == dm.SEED:
-        return dm.build_default_model(out)  # the very default model (trained weights), byte for byte
+    if config == "tiny" and side == 256 and seed == SEED:
+        return build_default_model(out)  # the very default model (trained weights), byte for byte
     transformer_cfg, t5_cfg, vae_cfg = configs(config)
     sample_size, interpolation = SIDES[side]
     transformer_cfg.update(sample_size=sample_size, interpolation_scale=interpolation)
-    # `full`'s T5-XXL is drawn block by block at export (export.text_encoder.SeededWeights): 19 GB never written
+    # `full`'s T5-XXL is drawn block by block at export (export.graphs.text_encoder.SeededWeights): 19 GB never written
     return _build(out, transformer_cfg, t5_cfg, vae_cfg, seed, seeded_text_encoder=config == "full")
 
 
 def _build(out: Path, transformer_cfg: dict, t5_cfg: dict, vae_cfg: dict, seed: int, **options) -> Path:
-    from export.default_model import build_checkpoint
+    from default_model.checkpoint import build_checkpoint
 
     build_checkpoint(out, transformer_cfg, t5_cfg, vae_cfg, seed, **options)
     (out / "README.md").write_text(f"Random seeded (seed {seed}) PixArt-Σ-architecture checkpoint for benchmarks.\n")

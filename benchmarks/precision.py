@@ -4,8 +4,8 @@ modules in the same precision, images' PSNR at two bins, finiteness. Writes benc
     python -m benchmarks.precision --config tiny|small      # the checkpoint's three components, end to end
     python -m benchmarks.precision --config full-transformer  # PixArt-Σ XL/2 at real dimensions, one step
 
-What the CPU can show (see tests/export/test_precision.py): fp16 storage with fp32 arithmetic (ONNX Runtime's CPU provider
-inserts casts) and bf16 in onnx's reference evaluator; not the rounding of fp16 accumulation on a GPU.
+What the CPU can show (see tests/export/test_precision.py): fp16 storage with fp32 arithmetic (ONNX Runtime's CPU
+provider inserts casts) and bf16 in onnx's reference evaluator; not the rounding of fp16 accumulation on a GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench import RESULTS
+from benchmarks.common.images import psnr
+from benchmarks.common.paths import RESULTS
 
 SIZES = ((256, 256), (448, 256))
 
@@ -32,11 +33,6 @@ def _stats(ours: np.ndarray, ref: np.ndarray) -> dict:
             "finite": bool(np.isfinite(ours).all())}
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
 def transformer_step(module, export: Path, names: dict[str, str], hw: tuple[int, int], text: int) -> dict:
     """One step of each variant's transformer graph against the fp32 graph and the torch module in that precision."""
     import onnxruntime as ort
@@ -44,7 +40,7 @@ def transformer_step(module, export: Path, names: dict[str, str], hw: tuple[int,
     from onnx.reference import ReferenceEvaluator
 
     from engine.positions import sincos_pos_embed
-    from export.onnx_export import TransformerGraph, pos_embed_geometry
+    from export.graphs.transformer import TransformerGraph, pos_embed_geometry
     from export.precision import HALF, half_copy
 
     cfg = module.config
@@ -124,7 +120,7 @@ def measure_checkpoint(config: str, root: Path) -> dict:
                                     image_size=size, num_images=2)
         images = {v: np.stack([im.pixels for im in e.generate(request).images]) for v, e in engines.items()}
         report["images"][f"{size[0]}x{size[1]}"] = {
-            "psnr_fp16_vs_fp32_db": _psnr(images["fp16"], images["fp32"]),
+            "psnr_fp16_vs_fp32_db": psnr(images["fp16"], images["fp32"]),
             "max_abs_diff": int(np.abs(images["fp16"].astype(int) - images["fp32"].astype(int)).max()),
         }
     return report
@@ -136,7 +132,7 @@ def measure_full_transformer(root: Path) -> dict:
     from diffusers import PixArtTransformer2DModel
 
     from benchmarks.models import FULL_TRANSFORMER, SIDES
-    from export.onnx_export import export_transformer
+    from export.graphs.transformer import export_transformer
     from export.precision import HALF, half_copy
     from export.seeded import randomize
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common.paths import RESULTS
+
 SIDE = 1024  # the memory benchmark's export: the same folder serves both
 
 

@@ -1,14 +1,8 @@
-"""Export a diffusers-format PixArt-Σ checkpoint to three ONNX graphs and one manifest.
+"""Export a diffusers-format PixArt-Σ checkpoint to ONNX: the graphs of export.graphs, the variants made from them
+(fused, int8, half precision, quantized T5) and the one manifest that describes the folder.
 
-Design of the positional embedding (docs/pixart-sigma.md §5): it is a graph *input* of the transformer, computed on
-the host by `engine.positions.sincos_pos_embed` in float64 exactly as diffusers does, once per size bin. Tracing
-diffusers' PatchEmbed at one size bakes that size's embedding into the graph; an input keeps one graph right at
-every bin, keeps float64 trigonometry out of the graph (TensorRT has none), and costs one cached array per bin.
-
-The transformer's forward is re-stated here over diffusers' own submodules (patch projection, AdaLayerNormSingle,
-caption projection, the blocks, the final modulation) so that the graph has no Python branches resolved at trace
-time: the mask stays rank 2 and becomes the −10000 bias inside the graph, and unpatchify is a plain permute (no
-`squeeze(1)`, which TorchScript turns into a shape-disagreeing `If` at the real width).
+`export_model` is the one entry point; `add_variants` brings an existing export up to date without re-exporting.
+The checkpoint is always given: building the embedded default is the caller's (default_model.checkpoint).
 """
 
 from __future__ import annotations
@@ -21,15 +15,19 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from engine import manifest as manifest_format
 from engine.manifest import sha256
 from engine.vocabulary import MAX_SEQUENCE_LENGTH
-from export.onnx_io import OPSET, export_graph
-from export.optimize import QUANTIZATIONS, WeightOnly
-from export.text_encoder import export_text_encoder
+from export.graphs.safety_checker import build_default_checker, export_safety_checker
+from export.graphs.text_encoder import export_text_encoder
+from export.graphs.transformer import export_transformer, pos_embed_geometry
+from export.graphs.vae import export_vae_decoder
+from export.onnx_io import OPSET
+from export.optimize import QUANTIZATIONS, WeightOnly, fuse, fuse_attention_file, quantize_int8, quantize_weights
+from export.precision import HALF, T5_HALF, half_copy
+from export.tokenizer import tokenizer_json_for
 
 log = logging.getLogger(__name__)
 
@@ -44,58 +42,10 @@ TRANSFORMER_INT8_NOTE = "fp16 activations; MatMul weights int8 in blocks of 128;
 FUSED_NOTE = "; self-attention fused (com.microsoft.MultiHeadAttention)"
 
 
-class TransformerGraph(nn.Module):
-    """PixArtTransformer2DModel.forward with the positional embedding as an input (see module docstring)."""
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.t = transformer
-
-    def forward(
-        self,
-        latents: torch.Tensor,  # (B, 4, h, w)
-        timestep: torch.Tensor,  # (B,) float
-        encoder_hidden_states: torch.Tensor,  # (B, L, caption_channels)
-        encoder_attention_mask: torch.Tensor,  # (B, L) int64, 1 = keep
-        pos_embed: torch.Tensor,  # (1, h/p * w/p, inner_dim)
-    ) -> torch.Tensor:
-        t, p = self.t, self.t.config.patch_size
-        c_out = t.out_channels
-        dtype, conv_dtype = t.proj_out.weight.dtype, t.pos_embed.proj.weight.dtype
-        if dtype != torch.float32:  # fp32 inputs and output; inside, the weights' precision (see export.precision)
-            latents = latents.to(conv_dtype)
-            encoder_hidden_states, pos_embed = encoder_hidden_states.to(dtype), pos_embed.to(dtype)
-        b, h, w = latents.shape[0], latents.shape[2] // p, latents.shape[3] // p
-        x = t.pos_embed.proj(latents).flatten(2).transpose(1, 2).to(dtype) + pos_embed
-        bias = ((1 - encoder_attention_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
-        t6, embedded_t = t.adaln_single(
-            timestep, {"resolution": None, "aspect_ratio": None}, batch_size=b, hidden_dtype=x.dtype
-        )
-        context = t.caption_projection(encoder_hidden_states)
-        for block in t.transformer_blocks:
-            x = block(x, encoder_hidden_states=context, encoder_attention_mask=bias, timestep=t6)
-        shift, scale = (t.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
-        x = t.proj_out(t.norm_out(x) * (1 + scale) + shift)
-        x = x.reshape(b, h, w, p, p, c_out).permute(0, 5, 1, 3, 2, 4)
-        x = x.reshape(b, c_out, h * p, w * p)
-        return x if x.dtype == torch.float32 else x.float()
-
-
-class VaeDecoderGraph(nn.Module):
-    """Scaled latents in (the host divides by the scaling factor), image in about [-1, 1] out."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents, return_dict=False)[0]
-
-
 def load_components(model: str | Path, base: str | Path | None = None) -> dict:
     """Load a diffusers-format PixArt-Σ checkpoint (folder or hub id) component by component, in fp32.
 
-    The text encoder is not loaded: it is exported block by block from its folder (export.text_encoder), so that
+    The text encoder is not loaded: it is exported block by block from its folder (export.graphs.text_encoder), so that
     T5-XXL never sits in memory whole."""
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
     from transformers import T5Config
@@ -115,55 +65,6 @@ def load_components(model: str | Path, base: str | Path | None = None) -> dict:
     }
 
 
-def export_transformer(transformer: nn.Module, path: Path, latent_hw: tuple[int, int] = (16, 24)) -> Path:
-    from engine.positions import sincos_pos_embed
-
-    cfg = transformer.config
-    h, w = latent_hw
-    p = cfg.patch_size
-    pos = sincos_pos_embed(transformer.inner_dim, h // p, w // p, *pos_embed_geometry(transformer))
-    args = (
-        torch.randn(2, cfg.in_channels, h, w),
-        torch.tensor([999.0, 500.0]),
-        torch.randn(2, 7, cfg.caption_channels),
-        torch.tensor([[1] * 7, [1] * 3 + [0] * 4], dtype=torch.int64),
-        torch.from_numpy(pos.copy()),  # the cached array is read-only
-    )
-    return export_graph(
-        TransformerGraph(transformer),
-        args,
-        path,
-        inputs=["latents", "timestep", "encoder_hidden_states", "encoder_attention_mask", "pos_embed"],
-        outputs=["noise_pred"],
-        dynamic={
-            "latents": {0: "batch", 2: "height", 3: "width"},
-            "timestep": {0: "batch"},
-            "encoder_hidden_states": {0: "batch", 1: "text_len"},
-            "encoder_attention_mask": {0: "batch", 1: "text_len"},
-            "pos_embed": {1: "tokens"},
-            "noise_pred": {0: "batch", 2: "height", 3: "width"},
-        },
-    )
-
-
-def export_vae_decoder(vae: nn.Module, path: Path, latent_hw: tuple[int, int] = (8, 12)) -> Path:
-    latents = torch.randn(1, vae.config.latent_channels, *latent_hw)
-    return export_graph(
-        VaeDecoderGraph(vae),
-        (latents,),
-        path,
-        inputs=["latents"],
-        outputs=["image"],
-        dynamic={"latents": {0: "batch", 2: "height", 3: "width"}, "image": {0: "batch", 2: "height", 3: "width"}},
-    )
-
-
-def pos_embed_geometry(transformer: nn.Module) -> tuple[float, float]:
-    """(base_size, interpolation_scale) of diffusers' PatchEmbed, read from the built module itself."""
-    pe = transformer.pos_embed
-    return float(pe.base_size), float(pe.interpolation_scale)
-
-
 def aspect_ratio_bins(sample_size: int) -> dict[str, list[int]]:
     """The pipeline's bin table for this transformer ({ratio: [H, W]}), taken from diffusers itself."""
     from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha
@@ -177,7 +78,7 @@ def aspect_ratio_bins(sample_size: int) -> dict[str, list[int]]:
 
 
 def export_model(
-    model: str | Path | None,
+    model: str | Path,
     out_dir: str | Path,
     *,
     base: str | Path | None = None,
@@ -190,7 +91,7 @@ def export_model(
     safety_checker: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
-    """Export the checkpoint `model` (None: the embedded default) to `out_dir`; return the manifest's path.
+    """Export the checkpoint `model` (folder or hub id) to `out_dir`; return the manifest's path.
 
     Besides the plain fp32 graphs: `optimize` adds ONNX Runtime's fused graphs (variant "optimized", the
     engine's default), `int8` adds an int8-weight transformer graph (variant "int8"), and each of `precisions`
@@ -204,16 +105,7 @@ def export_model(
     `safety_checker`: a StableDiffusionSafetyChecker checkpoint (folder or hub id) to export beside the model,
     or "default" for the embedded tiny one.
     """
-    from export.precision import HALF
-
-    unknown = [p for p in precisions if p not in HALF]
-    if unknown:
-        raise ValueError(f"precisions: {unknown} are not among {sorted(HALF)} (fp32 is always exported)")
-    if quantize_transformer and "fp16" not in precisions:
-        raise ValueError("quantize_transformer: quantizes the fp16 transformer; add \"fp16\" to precisions")
-    unknown = [q for q in quantize_text_encoder if q not in QUANTIZATIONS]
-    if unknown:
-        raise ValueError(f"quantize_text_encoder: {unknown} are not among {sorted(QUANTIZATIONS)}")
+    check_options(precisions, quantize_text_encoder, quantize_transformer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = ["load", "text_encoder", "transformer", "vae_decoder", "tokenizer", "manifest"]
@@ -227,10 +119,6 @@ def export_model(
         bar.set_postfix_str(label)
         bar.update(1)
 
-    if model is None:
-        from export.default_model import build_default_model
-
-        model = build_default_model(out / "checkpoint")
     c = load_components(model, base)
     advance("loaded")
     files = {"text_encoder": export_text_encoder(c["text_encoder"], out / "text_encoder.onnx",
@@ -240,8 +128,6 @@ def export_model(
     advance("transformer")
     files["vae_decoder"] = export_vae_decoder(c["vae"], out / "vae_decoder.onnx")
     advance("VAE decoder")
-    from export.tokenizer import tokenizer_json_for
-
     files["tokenizer"] = tokenizer_json_for(c["tokenizer_dir"], out / "tokenizer.json")
     advance("tokenizer")
     variants, fusions = make_variants(c, files, out, optimize, int8, advance)
@@ -255,22 +141,16 @@ def export_model(
             "the rest fp32")
         advance(f"T5 {name}")
     for name in precisions:
-        from export.precision import export_half
-
         reuse = files["text_encoder"] if text_encoder_precision == name else None
         variants[name], precision_notes[name] = export_half(c, out, name, text_encoder=reuse)
         advance(name)
     if quantize_transformer:
-        from export.optimize import quantize_weights
-
         variants["fp16-int8"] = {"transformer": quantize_weights(variants["fp16"]["transformer"],
                                                                  out / "transformer.fp16-int8.onnx", TRANSFORMER_INT8)}
         precision_notes["fp16-int8"] = {"transformer": TRANSFORMER_INT8_NOTE}
         advance("fp16-int8")
     checker = None
     if safety_checker:
-        from export.safety_checker import build_default_checker, export_safety_checker
-
         if str(safety_checker) == "default":
             safety_checker = build_default_checker(out / "safety_checker_checkpoint")
         checker = export_safety_checker(safety_checker, out)
@@ -288,9 +168,20 @@ def export_model(
     return path
 
 
-def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, int8: bool, advance) -> tuple[dict, dict]:
-    from export.optimize import fuse, fuse_attention_file, quantize_int8
+def check_options(precisions: tuple[str, ...] | list[str] = (), quantize_text_encoder: tuple[str, ...] | list[str] = (),
+                  quantize_transformer: bool = False) -> None:
+    """Raise ValueError for variants export_model cannot make, before anything is written."""
+    unknown = [p for p in precisions if p not in HALF]
+    if unknown:
+        raise ValueError(f"precisions: {unknown} are not among {sorted(HALF)} (fp32 is always exported)")
+    if quantize_transformer and "fp16" not in precisions:
+        raise ValueError("quantize_transformer: quantizes the fp16 transformer; add \"fp16\" to precisions")
+    unknown = [q for q in quantize_text_encoder if q not in QUANTIZATIONS]
+    if unknown:
+        raise ValueError(f"quantize_text_encoder: {unknown} are not among {sorted(QUANTIZATIONS)}")
 
+
+def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, int8: bool, advance) -> tuple[dict, dict]:
     shapes = {
         "transformer": (c["transformer"].config.num_attention_heads, c["transformer"].inner_dim),
         "text_encoder": (c["text_encoder_config"].num_heads, c["text_encoder_config"].d_model),
@@ -331,13 +222,35 @@ def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, in
     return variants, fusions
 
 
+def export_half(c: dict, out: Path, name: str, text_encoder: Path | None = None
+                ) -> tuple[dict[str, Path], dict[str, str]]:
+    """Export `name` ("fp16" or "bf16") text encoder and transformer; return their files and what each holds
+    (export.precision says what stays fp32 and why).
+    `text_encoder`: a graph of this precision already exported (the plain one), used instead of a second copy."""
+    dtype = HALF[name]
+    files: dict[str, Path] = {}
+    notes = {"text_encoder": "fp32", "vae_decoder": "fp32"}
+    if name in T5_HALF:
+        files["text_encoder"] = text_encoder or export_text_encoder(
+            c["text_encoder"], out / f"text_encoder.{name}.onnx", precision=name)
+        notes["text_encoder"] = f"{name}; feed-forward output projections and the residual stream fp32"
+    # The patch embedding is a Conv, which ONNX (opset 18) does not define for bf16: it stays fp32 in that variant.
+    transformer = half_copy(c["transformer"], dtype, ("pos_embed.proj",) if name == "bf16" else ())
+    files["transformer"] = export_transformer(transformer, out / f"transformer.{name}.onnx")
+    notes["transformer"] = f"{name}; timestep embedding fp32"
+    if name == "fp16":  # the CUDA provider's fp16 path: its fused attention (flash) keeps no token x token scores
+        heads = int(c["transformer"].config.num_attention_heads)
+        fuse_attention_file(files["transformer"], files["transformer"], heads)
+        notes["transformer"] += FUSED_NOTE
+    return files, notes
+
+
 def add_variants(export_dir: str | Path, *, quantize_transformer: bool = False) -> dict[str, str]:
     """Bring an existing export up to date without re-exporting (T5-XXL takes half an hour): add the
     fused-attention transformer as the "optimized" one where that variant lacks it, fuse the fp16 transformer in
     place, and with `quantize_transformer` add the int8-weight fp16 transformer (variant "fp16-int8"). The
     manifest records what was done; returns {file: what was done to it}. Running it again changes nothing."""
     from engine.manifest import Manifest
-    from export.optimize import fuse_attention_file, quantize_weights
 
     manifest = Manifest.load(export_dir)
     data, folder = dict(manifest.data), manifest.folder

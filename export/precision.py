@@ -1,4 +1,5 @@
-"""Half-precision variants of the text encoder and the transformer, exported from torch modules cast to fp16/bf16.
+"""Cast helpers of the half-precision variants: torch modules cast to fp16/bf16 with fp32 islands (the variants are
+exported by export.onnx_export.export_half), and a count of the float casts an exported graph chains.
 
 What stays fp32, and why (each measured: tests/export/test_precision.py and benchmarks/precision.py):
 * Inputs and outputs of every graph: the engine's loop, the samplers and the VAE stay fp32, with no conversions.
@@ -16,7 +17,6 @@ modeling code puts them; ONNX Runtime's converter would also convert the bucket 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,34 +35,6 @@ def half_copy(module: nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, ...] 
         if name in keep_fp32 or name.rsplit(".", 1)[-1] in keep_fp32:
             sub.float()
     return half.eval()
-
-
-def export_half(c: dict, out: Path, name: str, text_encoder: Path | None = None
-                ) -> tuple[dict[str, Path], dict[str, str]]:
-    """Export `name` ("fp16" or "bf16") text encoder and transformer; return their files and what each holds.
-    `text_encoder`: a graph of this precision already exported (the plain one), used instead of a second copy."""
-    from export.onnx_export import export_transformer
-    from export.text_encoder import export_text_encoder
-
-    dtype = HALF[name]
-    files: dict[str, Path] = {}
-    notes = {"text_encoder": "fp32", "vae_decoder": "fp32"}
-    if name in T5_HALF:
-        files["text_encoder"] = text_encoder or export_text_encoder(
-            c["text_encoder"], out / f"text_encoder.{name}.onnx", precision=name)
-        notes["text_encoder"] = f"{name}; feed-forward output projections and the residual stream fp32"
-    # The patch embedding is a Conv, which ONNX (opset 18) does not define for bf16: it stays fp32 in that variant.
-    transformer = half_copy(c["transformer"], dtype, ("pos_embed.proj",) if name == "bf16" else ())
-    files["transformer"] = export_transformer(transformer, out / f"transformer.{name}.onnx")
-    notes["transformer"] = f"{name}; timestep embedding fp32"
-    if name == "fp16":  # the CUDA provider's fp16 path: its fused attention (flash) keeps no token x token scores
-        from export.onnx_export import FUSED_NOTE
-        from export.optimize import fuse_attention_file
-
-        heads = int(c["transformer"].config.num_attention_heads)
-        fuse_attention_file(files["transformer"], files["transformer"], heads)
-        notes["transformer"] += FUSED_NOTE
-    return files, notes
 
 
 FLOAT_TYPES = (1, 10, 16)  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16

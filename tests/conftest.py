@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tests.support.servers import export_dir, shared_engine
 
 
@@ -20,7 +21,7 @@ def default_checkpoint(default_export, tmp_path_factory) -> Path:
     built = default_export / "checkpoint"
     if (built / "model_index.json").exists():
         return built
-    from export.default_model import build_default_model
+    from default_model.checkpoint import build_default_model
 
     return build_default_model(tmp_path_factory.mktemp("default") / "checkpoint")
 

@@ -8,26 +8,28 @@ import math
 import pytest
 
 from benchmarks import bench
+from benchmarks.bench_options import MEASURES, parse_variants, select
+from benchmarks.common.images import psnr
 
 
 def test_variants_and_only_parse():
-    variants = bench.parse_variants('{"engine": {}, "engine-b": {"providers": ["CPUExecutionProvider"]}}')
+    variants = parse_variants('{"engine": {}, "engine-b": {"providers": ["CPUExecutionProvider"]}}')
     assert list(variants) == ["engine", "engine-b"]
-    sides, measures = bench.select("eager,engine-b,e2e", variants)
+    sides, measures = select("eager,engine-b,e2e", variants)
     assert sides == ["eager", "engine-b"] and measures == ["e2e"]
-    assert bench.select("", variants) == (["eager", "engine", "engine-b"], list(bench.MEASURES))
+    assert select("", variants) == (["eager", "engine", "engine-b"], list(MEASURES))
     with pytest.raises(SystemExit):
-        bench.select("nonsense", variants)
+        select("nonsense", variants)
     with pytest.raises(SystemExit):
-        bench.parse_variants('{"eager": {}}')
+        parse_variants('{"eager": {}}')
 
 
 def test_psnr():
     import numpy as np
 
     a = np.zeros((2, 2, 3), np.uint8)
-    assert bench.psnr(a, a) == math.inf
-    assert 40 < bench.psnr(a, a + 1) < 50
+    assert psnr(a, a) == math.inf
+    assert 40 < psnr(a, a + 1) < 50
 
 
 @pytest.mark.timeout(300)

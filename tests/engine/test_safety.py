@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine.safety import SafetyChecker
-from export.safety_checker import (
+from export.graphs.safety_checker import (
     FLAGGED,
     SPECIAL_CARE,
     SPECIAL_CARE_ADJUSTMENT,

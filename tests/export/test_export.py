@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from default_model.config import TRANSFORMER_CONFIG
 from engine.positions import sincos_pos_embed
-from export.default_model import TRANSFORMER_CONFIG
 
 INNER_DIM = TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"]
 
@@ -32,7 +32,8 @@ def components(default_checkpoint):
 
 @pytest.mark.parametrize("batch,length", [(1, 300), (2, 17), (3, 1)])
 def test_text_encoder_matches_t5(default_export, components, batch, length):
-    """The graph is stitched block by block (export.text_encoder); transformers' whole encoder is the reference."""
+    """The graph is stitched block by block (export.graphs.text_encoder); transformers' whole encoder is the
+    reference."""
     from transformers import T5EncoderModel
 
     te = T5EncoderModel.from_pretrained(components["text_encoder"], torch_dtype=torch.float32).eval()
@@ -56,7 +57,7 @@ def test_text_encoder_matches_t5(default_export, components, batch, length):
 )
 def test_transformer_matches_diffusers_at_every_bin_shape(default_export, components, batch, latent_hw, length):
     """Non-base sizes prove the positional embedding follows the bin (a base-size trace would bake 64x64 in)."""
-    from export.onnx_export import pos_embed_geometry
+    from export.graphs.transformer import pos_embed_geometry
 
     tr = components["transformer"]
     g = torch.Generator().manual_seed(batch + length)
@@ -94,8 +95,8 @@ def test_vae_decoder_with_mid_block_attention_matches_diffusers(tmp_path):
     # here on a random VAE of the same tiny widths with the attention put back.
     from diffusers import AutoencoderKL
 
-    from export.default_model import VAE_CONFIG
-    from export.onnx_export import export_vae_decoder
+    from default_model.config import VAE_CONFIG
+    from export.graphs.vae import export_vae_decoder
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**{**VAE_CONFIG, "mid_block_add_attention": True}).eval()
@@ -146,9 +147,9 @@ def test_export_at_real_dimensions(tmp_path, monkeypatch):
     from diffusers import PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    import export.onnx_export as ox
+    import export.graphs.transformer as ox
     import export.onnx_io
-    from export.text_encoder import export_text_encoder
+    from export.graphs.text_encoder import export_text_encoder
 
     torch.manual_seed(0)
     tr = PixArtTransformer2DModel(
@@ -236,7 +237,7 @@ def test_text_encoder_exports_from_a_sharded_checkpoint(default_checkpoint, defa
     """Real T5 checkpoints come in shards with an index: read tensor by tensor, the same graph comes out."""
     from transformers import T5EncoderModel
 
-    from export.text_encoder import export_text_encoder
+    from export.graphs.text_encoder import export_text_encoder
 
     t5 = T5EncoderModel.from_pretrained(default_checkpoint / "text_encoder", torch_dtype=torch.float32)
     t5.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")

@@ -16,9 +16,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from default_model.config import TRANSFORMER_CONFIG
 from engine import GenerationRequest
 from engine.positions import sincos_pos_embed
-from export.default_model import TRANSFORMER_CONFIG
 from export.precision import cast_pairs, half_copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -95,7 +95,7 @@ def test_fp16_text_encoder_against_fp32_and_torch_fp16(half_export, default_chec
 def test_fp16_and_bf16_transformer_step(half_export, default_checkpoint):
     from diffusers import PixArtTransformer2DModel
 
-    from export.onnx_export import TransformerGraph
+    from export.graphs.transformer import TransformerGraph
 
     feeds = transformer_feeds()
     fp32 = session(half_export / "transformer.onnx").run(None, feeds)[0]

@@ -1,8 +1,8 @@
 """The embedded default draws what it is asked: prompts it never saw as a whole, generated through the engine the
-way a caller would, and read back from the pixels by export.scenes' scorer.
+way a caller would, and read back from the pixels by default_model.scenes' scorer.
 
 The figures asserted are those measured on the committed weights (the README's table, `python -m
-export.evaluate_default DIR`) less a margin; generation is deterministic for a seed on one machine, and the margin
+default_model.evaluate DIR`) less a margin; generation is deterministic for a seed on one machine, and the margin
 absorbs float differences between CPUs and ONNX Runtime builds.
 """
 
@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import pytest
 
+from default_model import scenes
+from default_model.evaluate import evaluate, extrapolated_scenes
 from engine import GenerationRequest
 from engine.vocabulary import SCHEDULERS
-from export import scenes
-from export.evaluate_default import evaluate, extrapolated_scenes
 
 pytestmark = pytest.mark.slow  # 4 x 36 generations
 
 # Measured on the committed weights, per (sampler, guidance): the share of the 36 held-out prompts read back right.
-# (colour, position, background, all three) out of 36, as `python -m export.evaluate_default` printed them.
+# (colour, position, background, all three) out of 36, as `python -m default_model.evaluate` printed them.
 MEASURED = {("DPM-SOLVER", 1.0): dict(zip(scenes.ATTRIBUTES, (26 / 36, 34 / 36, 36 / 36, 26 / 36), strict=True)),
             ("DPM-SOLVER", 4.5): dict(zip(scenes.ATTRIBUTES, (31 / 36, 34 / 36, 36 / 36, 30 / 36), strict=True)),
             ("SA-SOLVER", 1.0): dict(zip(scenes.ATTRIBUTES, (27 / 36, 35 / 36, 36 / 36, 26 / 36), strict=True)),
             ("SA-SOLVER", 4.5): dict(zip(scenes.ATTRIBUTES, (30 / 36, 35 / 36, 36 / 36, 30 / 36), strict=True))}
-# The same for held-out scenes encoded, extrapolated by each reach and decoded (export.evaluate_default's VAE table)
+# The same for held-out scenes encoded, extrapolated by each reach and decoded (default_model.evaluate's VAE table)
 EXTRAPOLATED = {0.0: (27 / 36, 36 / 36, 36 / 36, 27 / 36), 1.0: (25 / 36, 36 / 36, 36 / 36, 25 / 36),
                 2.0: (25 / 36, 36 / 36, 36 / 36, 25 / 36), 3.5: (22 / 36, 35 / 36, 36 / 36, 22 / 36)}
 MARGIN = 0.12  # about 4 of 36 prompts
@@ -52,7 +52,7 @@ def test_guidance_helps(accuracy):
 def test_the_vae_decodes_what_guidance_extrapolates(engine, default_checkpoint):
     # Guidance 4.5 moves the model's estimate 3.5x its distance from the unconditional one, out of the latents the
     # encoder makes; the VAE was trained to decode such latents as the picture they extrapolate rather than as other
-    # colours (export/train_default.py), without which guidance made the model worse.
+    # colours (default_model/train.py), without which guidance made the model worse.
     got = extrapolated_scenes(engine, default_checkpoint)
     for reach, measured in EXTRAPOLATED.items():
         for attribute, value in zip(scenes.ATTRIBUTES, measured, strict=True):

@@ -1,4 +1,4 @@
-"""The procedural scenes the default model is to be trained on (export.scenes): the scorer reads the renderer's
+"""The procedural scenes the default model is to be trained on (default_model.scenes): the scorer reads the renderer's
 pictures back exactly and rejects wrong ones, and training data never shows a held-out combination alone.
 
 They are the ground under the trained default's quality tests (tests/training/test_default_quality.py): a model's
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export import scenes
+from default_model import scenes
 
 
 def test_scorer_reads_back_what_was_rendered():

@@ -1,6 +1,6 @@
 """How well the trained default draws what it is asked, measured through the engine on held-out prompts.
 
-    python -m export.evaluate_default EXPORT_DIR [--grid docs/default-grid.png]
+    python -m default_model.evaluate EXPORT_DIR [--grid docs/default-grid.png]
 
 Prints the accuracy tables of the README: object colour, position, background and all three, for guidance 1 and 4.5
 with both samplers, and the same for held-out scenes encoded, extrapolated as guidance extrapolates, and decoded
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export import scenes
+from default_model import scenes
 
 # Request sizes (width, height) cycled over the prompts: square, and one portrait and one landscape that bin to
 # trained bins (288x224 and 224x288), so binning and the resize back are part of what is scored.
@@ -60,8 +60,8 @@ def extrapolated_scenes(engine, checkpoint: str | Path, reaches: tuple[float, ..
     import torch
     from diffusers import AutoencoderKL
 
+    from default_model.train import pictures_to_tensor
     from engine.resolution import to_uint8
-    from export.train_default import pictures_to_tensor
 
     vae = AutoencoderKL.from_pretrained(Path(checkpoint) / "vae").eval()
     held_out = [scene for _, scene in scenes.held_out_prompts()]

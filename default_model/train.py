@@ -1,6 +1,7 @@
-"""Train the embedded default model on the procedural scenes of export.scenes and write it as a diffusers checkpoint.
+"""Train the embedded default model on the procedural scenes of default_model.scenes and write it as a diffusers
+checkpoint.
 
-    python -m export.train_default [--out export/default_weights]
+    python -m default_model.train [--out default_model/weights]
 
 Four stages, all from one seed on the CPU (two threads by default; minutes per stage in training.json):
 1. a T5 tokenizer trained on the default corpus plus scene captions, so that every word of the scene grammar is
@@ -38,7 +39,7 @@ Why these choices (each measured here, see docs/trained-default.md):
   why guidance made that model worse. Trained this way: 75%, 69%, 61%, at some cost to reconstruction.
 The transformer keeps PixArt's learned-sigma layout (8 output channels). Neither sampler in the engine (nor diffusers'
 PixArt-Σ pipeline) reads the variance half, so it is not trained: its output rows keep their initial values.
-Training is never part of `make run`: the weights it writes are committed (export/default_weights).
+Training is never part of `make run`: the weights it writes are committed (default_model/weights).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export import scenes
-from export.default_model import SCHEDULER_CONFIG, SEED, T5_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, WEIGHTS
+from default_model import scenes
+from default_model.config import SCHEDULER_CONFIG, SEED, T5_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, WEIGHTS
 
 # (height, width) bins of the 256 table the transformer sees: square, and both ways round at 3:4-ish, 3:5 and 1:2,
 # so that a portrait or landscape request is in distribution after binning

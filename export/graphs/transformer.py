@@ -1,0 +1,95 @@
+"""The PixArt-Σ transformer as one ONNX graph.
+
+Design of the positional embedding (docs/pixart-sigma.md §5): it is a graph *input* of the transformer, computed on
+the host by `engine.positions.sincos_pos_embed` in float64 exactly as diffusers does, once per size bin. Tracing
+diffusers' PatchEmbed at one size bakes that size's embedding into the graph; an input keeps one graph right at
+every bin, keeps float64 trigonometry out of the graph (TensorRT has none), and costs one cached array per bin.
+
+The transformer's forward is re-stated here over diffusers' own submodules (patch projection, AdaLayerNormSingle,
+caption projection, the blocks, the final modulation) so that the graph has no Python branches resolved at trace
+time: the mask stays rank 2 and becomes the −10000 bias inside the graph, and unpatchify is a plain permute (no
+`squeeze(1)`, which TorchScript turns into a shape-disagreeing `If` at the real width).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.onnx_io import export_graph
+
+
+class TransformerGraph(nn.Module):
+    """PixArtTransformer2DModel.forward with the positional embedding as an input (see module docstring)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.t = transformer
+
+    def forward(
+        self,
+        latents: torch.Tensor,  # (B, 4, h, w)
+        timestep: torch.Tensor,  # (B,) float
+        encoder_hidden_states: torch.Tensor,  # (B, L, caption_channels)
+        encoder_attention_mask: torch.Tensor,  # (B, L) int64, 1 = keep
+        pos_embed: torch.Tensor,  # (1, h/p * w/p, inner_dim)
+    ) -> torch.Tensor:
+        t, p = self.t, self.t.config.patch_size
+        c_out = t.out_channels
+        dtype, conv_dtype = t.proj_out.weight.dtype, t.pos_embed.proj.weight.dtype
+        if dtype != torch.float32:  # fp32 inputs and output; inside, the weights' precision (see export.precision)
+            latents = latents.to(conv_dtype)
+            encoder_hidden_states, pos_embed = encoder_hidden_states.to(dtype), pos_embed.to(dtype)
+        b, h, w = latents.shape[0], latents.shape[2] // p, latents.shape[3] // p
+        x = t.pos_embed.proj(latents).flatten(2).transpose(1, 2).to(dtype) + pos_embed
+        bias = ((1 - encoder_attention_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
+        t6, embedded_t = t.adaln_single(
+            timestep, {"resolution": None, "aspect_ratio": None}, batch_size=b, hidden_dtype=x.dtype
+        )
+        context = t.caption_projection(encoder_hidden_states)
+        for block in t.transformer_blocks:
+            x = block(x, encoder_hidden_states=context, encoder_attention_mask=bias, timestep=t6)
+        shift, scale = (t.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
+        x = t.proj_out(t.norm_out(x) * (1 + scale) + shift)
+        x = x.reshape(b, h, w, p, p, c_out).permute(0, 5, 1, 3, 2, 4)
+        x = x.reshape(b, c_out, h * p, w * p)
+        return x if x.dtype == torch.float32 else x.float()
+
+
+def export_transformer(transformer: nn.Module, path: Path, latent_hw: tuple[int, int] = (16, 24)) -> Path:
+    from engine.positions import sincos_pos_embed
+
+    cfg = transformer.config
+    h, w = latent_hw
+    p = cfg.patch_size
+    pos = sincos_pos_embed(transformer.inner_dim, h // p, w // p, *pos_embed_geometry(transformer))
+    args = (
+        torch.randn(2, cfg.in_channels, h, w),
+        torch.tensor([999.0, 500.0]),
+        torch.randn(2, 7, cfg.caption_channels),
+        torch.tensor([[1] * 7, [1] * 3 + [0] * 4], dtype=torch.int64),
+        torch.from_numpy(pos.copy()),  # the cached array is read-only
+    )
+    return export_graph(
+        TransformerGraph(transformer),
+        args,
+        path,
+        inputs=["latents", "timestep", "encoder_hidden_states", "encoder_attention_mask", "pos_embed"],
+        outputs=["noise_pred"],
+        dynamic={
+            "latents": {0: "batch", 2: "height", 3: "width"},
+            "timestep": {0: "batch"},
+            "encoder_hidden_states": {0: "batch", 1: "text_len"},
+            "encoder_attention_mask": {0: "batch", 1: "text_len"},
+            "pos_embed": {1: "tokens"},
+            "noise_pred": {0: "batch", 2: "height", 3: "width"},
+        },
+    )
+
+
+def pos_embed_geometry(transformer: nn.Module) -> tuple[float, float]:
+    """(base_size, interpolation_scale) of diffusers' PatchEmbed, read from the built module itself."""
+    pe = transformer.pos_embed
+    return float(pe.base_size), float(pe.interpolation_scale)
