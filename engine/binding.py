@@ -75,3 +75,7 @@ class BoundSession:
             options.add_run_config_entry("gpu_graph_id", str(slot.graph_id))
         self.session.run_with_iobinding(slot.binding, options)
         return np.array(slot.output.numpy())  # a copy: the buffer is reused by the next run
+
+    def close(self) -> None:
+        """Release every slot's device buffers and bindings (the session itself goes with its last reference)."""
+        self.slots.clear()

@@ -15,79 +15,28 @@ its companions, so requests can join and leave a running batch at any step bound
 
 from __future__ import annotations
 
-import io
-import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from PIL import Image
 
-from engine.binding import BoundSession
+from engine.generation import Generation, advance, batch_conditioning, batch_latents, prompt_rows
+from engine.images import decode_latents, encode_image
 from engine.manifest import Manifest
 from engine.positions import sincos_pos_embed
-from engine.request import Cancelled, GeneratedImage, GenerationRequest, GenerationResult, InvalidRequest
+from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
 from engine.resolution import classify_bin, resize_and_crop, to_uint8
-from engine.runtime import Acceleration, create_session, device_of, release_freed_memory, shape_profiles
-from engine.safety import SafetyChecker
-from engine.schedulers import Scheduler, make_scheduler
-from engine.text import T5Tokenizer, apply_style, preprocess
-from engine.text_cache import DiskEmbeddingCache, KeyedEmbeddingCache, TieredEmbeddingCache
-from engine.tiling import decode_tiled
-from engine.vocabulary import FLAGGED_IMAGE_MODES, FORMAT_DETAILS
+from engine.runtime import Acceleration, release_freed_memory, shape_profiles
+from engine.schedulers import make_scheduler
+from engine.sessions import GraphOpener, bind_transformer, open_safety_checker
+from engine.text import T5Tokenizer
+from engine.text_cache import KeyedEmbeddingCache, open_text_cache
+from engine.text_encoding import encode_texts, prompt_texts, text_length
+from engine.vocabulary import FLAGGED_IMAGE_MODES
 
-log = logging.getLogger(__name__)
-
-# A request's text is encoded and cross-attended only up to its longest text (prompt or negative prompt) rounded up
-# to this many tokens. Padding is masked out (T5: -inf bias, transformer: -10000 bias, both exp() to 0), so
-# trimming changes nothing but the work; a batch pads its rows to the longest member's length, masked the same way.
-TEXT_BUCKET = 32
 TEXT_ENCODER_DEVICES = ("auto", "cpu")
-
-
-@dataclass(eq=False)
-class Generation:
-    """One request in flight, as plain data: its conditioning, its latents and its sampler's state.
-
-    `context`/`mask` hold the prompt's T5 states, and for a guided request the negative prompt's after them:
-    (1 or 2, L, C) and (1 or 2, L).
-    """
-
-    request: GenerationRequest
-    seed: int
-    size_bin: tuple[int, int]  # (H, W) in pixels the transformer runs at
-    rng: np.random.Generator  # the request's own stream: initial latents, then SA-Solver's per-step noise
-    sampler: Scheduler
-    latents: np.ndarray  # (num_images, C, H/8, W/8) float32
-    context: np.ndarray
-    mask: np.ndarray
-    step_index: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
-    denoise_started: float | None = None
-
-    @property
-    def guided(self) -> bool:
-        return self.request.do_guidance
-
-    @property
-    def total_steps(self) -> int:
-        return len(self.sampler.timesteps)
-
-    @property
-    def done(self) -> bool:
-        return self.step_index >= self.total_steps
-
-    @property
-    def rows(self) -> int:
-        """Rows this generation adds to a transformer batch."""
-        return len(self.latents) * (2 if self.guided else 1)
 
 
 class Engine:
@@ -129,83 +78,78 @@ class Engine:
         `text_cache_dir` keeps T5 outputs on disk too, across restarts, keyed by the T5 graph's hash;
         `memory_arena=False` frees the transformer's activations after every call instead of keeping their peak
         for the next one (measured at 1024²: 1.5 GB that would otherwise sit beside the VAE decode)."""
-        if flagged_images not in FLAGGED_IMAGE_MODES:
-            raise ValueError(f"flagged_images: one of {FLAGGED_IMAGE_MODES}, not {flagged_images!r}")
-        if text_encoder_device not in TEXT_ENCODER_DEVICES:
-            raise ValueError(f"text_encoder_device: one of {TEXT_ENCODER_DEVICES}, not {text_encoder_device!r}")
+        _check_choice("flagged_images", flagged_images, FLAGGED_IMAGE_MODES)
+        _check_choice("text_encoder_device", text_encoder_device, TEXT_ENCODER_DEVICES)
         self.manifest = Manifest.load(export_dir, verify=verify_files)
         self.path = self.manifest.folder
         overrides = {"text_encoder": text_encoder_variant} if text_encoder_variant else None
         self.variant, files = self.manifest.files(variant, overrides)
+        self._read_model_config()
+        acceleration = acceleration or Acceleration(cache_dir=self.path / "trt-cache")
+        self._open_sessions(GraphOpener(files, providers, intra_op_threads, acceleration, self._profiles(max_rows)),
+                            text_encoder_device=text_encoder_device, text_encoder_resident=text_encoder_resident,
+                            memory_arena=memory_arena, io_binding=io_binding)
+        self.trim_text = trim_text
+        self.guidance_in_one_batch = guidance_in_one_batch
+        self.text_cache: KeyedEmbeddingCache = open_text_cache(
+            int(text_cache_mb * 2**20), text_cache_dir, files["text_encoder"], self.manifest.get("hashes", {}),
+            int(text_cache_disk_mb * 2**20))
+        self.vae_tile = self._checked_vae_tile(vae_tile)
+        self.tokenizer = T5Tokenizer.from_file(files["tokenizer"])
+        self.safety_checker = open_safety_checker(self.manifest, providers, intra_op_threads)
+        self.flagged_images = flagged_images
+        # Parsing a graph holds its protobuf beside the weights it copies out; glibc keeps those pages after the
+        # parse (270 MB of a 384 MB graph, measured) unless asked to give them back.
+        release_freed_memory()
+        self._batch_text: tuple[tuple[Generation, ...], np.ndarray, np.ndarray] | None = None
+        self._closed = False
+
+    @classmethod
+    def load(cls, export_dir: str | Path, providers: list[str] | tuple[str, ...] | None = None, **options) -> Engine:
+        return cls(export_dir, providers, **options)
+
+    # ---- loading: the steps of __init__ ---------------------------------------------------------------------
+
+    def _read_model_config(self) -> None:
+        """The model's dimensions, bins and constants, from the manifest."""
         tr = self.manifest["transformer"]
         self.bins = self.manifest["aspect_ratio_bins"]
         self.patch_size = int(tr["config"]["patch_size"])
         self.latent_channels = int(tr["config"]["in_channels"])
         self.out_channels = int(tr["config"].get("out_channels") or 2 * self.latent_channels)
         self.inner_dim = int(tr["inner_dim"])
+        self.caption_channels = int(tr["config"]["caption_channels"])
         self.vae_scale = int(self.manifest["vae"]["scale_factor"])
         self.max_sequence_length = int(self.manifest["text_encoder"]["max_sequence_length"])
-        acceleration = acceleration or Acceleration(cache_dir=self.path / "trt-cache")
-        profiles = shape_profiles(
-            self.bins, max_rows=max_rows, latent_channels=self.latent_channels, vae_scale=self.vae_scale,
-            patch_size=self.patch_size, inner_dim=self.inner_dim,
-            caption_channels=int(tr["config"]["caption_channels"]), max_text=self.max_sequence_length,
-        )
-
-        def session(component: str, **kw) -> ort.InferenceSession:
-            return create_session(files[component], providers, intra_op_threads, graph=component,
-                                  acceleration=acceleration, profiles=profiles, **kw)
-
-        text_providers = ["CPUExecutionProvider"] if text_encoder_device == "cpu" else providers
-
-        def text_encoder_session() -> ort.InferenceSession:
-            # Loaded per encode when not resident: its arena would only hold the peak of a session about to go.
-            return create_session(files["text_encoder"], text_providers, intra_op_threads, graph="text_encoder",
-                                  acceleration=acceleration, profiles=profiles, memory_arena=text_encoder_resident)
-
-        self._text_encoder_session = text_encoder_session
-        self.text_encoder = text_encoder_session() if text_encoder_resident else None
-        self.transformer = session("transformer", memory_arena=memory_arena)
-        # The VAE's mid-block attention peaks at gigabytes per image at 1024²; an arena would keep that peak
-        # resident between requests, so this session allocates and frees per run.
-        self.vae_decoder = session("vae_decoder", memory_arena=False)
-        device = device_of(self.transformer)
-        if acceleration.cuda_graphs and device == "cpu":
-            raise ValueError("CUDA graphs need the transformer on a GPU provider")
-        use_binding = (device != "cpu") if io_binding is None else io_binding
-        self.bound_transformer = (
-            BoundSession(self.transformer, device, acceleration.device_id, acceleration.cuda_graphs)
-            if use_binding or acceleration.cuda_graphs else None
-        )
-        self.trim_text = trim_text
-        self.guidance_in_one_batch = guidance_in_one_batch
-        self.text_cache: KeyedEmbeddingCache = EmbeddingCache(int(text_cache_mb * 2**20))
-        if text_cache_dir is not None:
-            hashes = self.manifest.get("hashes", {})
-            entry = hashes.get(files["text_encoder"].name + ".data") or hashes.get(files["text_encoder"].name)
-            key = entry["sha256"] if entry else _file_identity(files["text_encoder"])
-            disk = DiskEmbeddingCache(text_cache_dir, key, int(text_cache_disk_mb * 2**20))
-            self.text_cache = TieredEmbeddingCache(self.text_cache, disk)
-        if vae_tile is not None and (vae_tile <= 0 or vae_tile % (4 * self.vae_scale)):
-            raise ValueError(f"vae_tile: a positive multiple of {4 * self.vae_scale} pixels, not {vae_tile}")
-        self.vae_tile = vae_tile
-        self.tokenizer = T5Tokenizer.from_file(files["tokenizer"])
         self.pos_geometry = (float(tr["pos_embed"]["base_size"]), float(tr["pos_embed"]["interpolation_scale"]))
         self.vae_scaling_factor = float(self.manifest["vae"]["scaling_factor"])
         self.scheduler_config = self.manifest["scheduler"]["config"]
-        checker = self.manifest.get("safety_checker")
-        self.safety_checker = (
-            SafetyChecker.from_manifest(self.path, checker, providers, intra_op_threads) if checker else None
-        )
-        self.flagged_images = flagged_images
-        # Parsing a graph holds its protobuf beside the weights it copies out; glibc keeps those pages after the
-        # parse (270 MB of a 384 MB graph, measured) unless asked to give them back.
-        release_freed_memory()
-        self._batch_text: tuple[tuple[Generation, ...], np.ndarray, np.ndarray] | None = None
 
-    @classmethod
-    def load(cls, export_dir: str | Path, providers: list[str] | tuple[str, ...] | None = None, **options) -> Engine:
-        return cls(export_dir, providers, **options)
+    def _profiles(self, max_rows: int) -> dict[str, dict]:
+        """TensorRT's optimization profiles: every bin, up to `max_rows` rows and the longest text."""
+        return shape_profiles(
+            self.bins, max_rows=max_rows, latent_channels=self.latent_channels, vae_scale=self.vae_scale,
+            patch_size=self.patch_size, inner_dim=self.inner_dim, caption_channels=self.caption_channels,
+            max_text=self.max_sequence_length,
+        )
+
+    def _open_sessions(self, graphs: GraphOpener, *, text_encoder_device: str, text_encoder_resident: bool,
+                       memory_arena: bool, io_binding: bool | None) -> None:
+        """T5 (resident, or opened per encode), the transformer and its IO binding, the VAE decoder."""
+        # T5 loaded per encode when not resident: its arena would only hold the peak of a session about to go.
+        self._text_encoder_session = graphs.opener("text_encoder", memory_arena=text_encoder_resident,
+                                                   on_cpu=text_encoder_device == "cpu")
+        self.text_encoder = self._text_encoder_session() if text_encoder_resident else None
+        self.transformer = graphs.open("transformer", memory_arena=memory_arena)
+        # The VAE's mid-block attention peaks at gigabytes per image at 1024²; an arena would keep that peak
+        # resident between requests, so this session allocates and frees per run.
+        self.vae_decoder = graphs.open("vae_decoder", memory_arena=False)
+        self.bound_transformer = bind_transformer(self.transformer, io_binding, graphs.acceleration)
+
+    def _checked_vae_tile(self, vae_tile: int | None) -> int | None:
+        if vae_tile is not None and (vae_tile <= 0 or vae_tile % (4 * self.vae_scale)):
+            raise ValueError(f"vae_tile: a positive multiple of {4 * self.vae_scale} pixels, not {vae_tile}")
+        return vae_tile
 
     @property
     def has_safety_checker(self) -> bool:
@@ -213,7 +157,31 @@ class Engine:
 
     @property
     def providers(self) -> list[str]:
+        self._check_open()
         return self.transformer.get_providers()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Release the sessions (T5, transformer, VAE, safety checker), the transformer's device buffers and the text
+        caches' memory (a disk cache stays on disk). Idempotent; the engine refuses work afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.bound_transformer is not None:
+            self.bound_transformer.close()
+        self.text_cache.clear()
+        self.text_encoder = self.transformer = self.vae_decoder = None
+        self.bound_transformer = self.safety_checker = None
+        self._text_encoder_session = None
+        self._batch_text = None
+        release_freed_memory()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
 
     # ---- requests -------------------------------------------------------------------------------------------
 
@@ -242,13 +210,11 @@ class Engine:
 
     def prompt_texts(self, request: GenerationRequest) -> tuple[str, ...]:
         """What T5 reads: the styled, cleaned prompt, then (when guided) the negative prompt."""
-        return _prompt_texts(request.style, request.prompt, request.negative_prompt, request.clean_caption,
-                             request.do_guidance)
+        return prompt_texts(request.style, request.prompt, request.negative_prompt, request.clean_caption,
+                            request.do_guidance)
 
     def text_length(self, tokens: int) -> int:
-        if not self.trim_text:
-            return self.max_sequence_length
-        return min(self.max_sequence_length, -(-tokens // TEXT_BUCKET) * TEXT_BUCKET)
+        return text_length(tokens, self.max_sequence_length, self.trim_text)
 
     def warmup(self) -> None:
         self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=1, image_size=(512, 512), seed=0))
@@ -258,6 +224,7 @@ class Engine:
     def prepare(self, request: GenerationRequest) -> Generation:
         """Validate, encode the texts (through the cache), draw the seed's latents and set up the sampler."""
         started = time.perf_counter()
+        self._check_open()
         self.check(request)
         context, mask = self.encode_text(list(self.prompt_texts(request)))
         seed = request.seed if request.seed is not None else secrets.randbits(63)
@@ -280,6 +247,7 @@ class Engine:
     def step(self, generations: Sequence[Generation]) -> None:
         """One denoising step for every generation: one transformer call (two with `guidance_in_one_batch` off)
         over all their rows, then each advances its own sampler. They must share a latent size."""
+        self._check_open()
         if not generations:
             return
         if len({g.size_bin for g in generations}) != 1:
@@ -290,36 +258,18 @@ class Engine:
                 raise ValueError("a finished generation was stepped again")
             if g.denoise_started is None:
                 g.denoise_started = now
-        guided = [g for g in generations if g.guided]
-        # rows: every generation's prompt half, then the negative half of the guided ones
-        x = np.concatenate([g.latents for g in generations] + [g.latents for g in guided])
-        t = np.concatenate([np.full(len(g.latents), g.sampler.timesteps[g.step_index], np.float32)
-                            for g in [*generations, *guided]])
+        x, t = batch_latents(generations)
         context, mask = self._conditioning(generations)
         height, width = generations[0].size_bin
         pos_embed = sincos_pos_embed(self.inner_dim, height // self.vae_scale // self.patch_size,
                                      width // self.vae_scale // self.patch_size, *self.pos_geometry)
-        split = sum(len(g.latents) for g in generations)
-        noise_pred = self.predict_noise(x, t, context, mask, pos_embed, split=split if guided else None)
-        cond_rows, uncond_rows = noise_pred[:split], noise_pred[split:]
-        row = uncond_row = 0
-        for g in generations:
-            n = len(g.latents)
-            eps = cond_rows[row : row + n]
-            if g.guided:
-                uncond = uncond_rows[uncond_row : uncond_row + n]
-                eps = uncond + np.float32(g.request.guidance_scale) * (eps - uncond)
-                uncond_row += n
-            row += n
-            eps = eps[:, : self.latent_channels]  # learned sigma: keep the prediction half (epsilon or v)
-            noise = g.rng.standard_normal(g.latents.shape, dtype=np.float32) if g.sampler.needs_noise else None
-            g.latents = g.sampler.step(eps, g.latents, noise)
-            g.step_index += 1
-            if g.done:
-                g.timings["denoising"] = time.perf_counter() - g.denoise_started
+        split = prompt_rows(generations) if any(g.guided for g in generations) else None
+        noise_pred = self.predict_noise(x, t, context, mask, pos_embed, split=split)
+        advance(generations, noise_pred, self.latent_channels)
 
     def finish(self, generations: Sequence[Generation]) -> list[GenerationResult]:
         """Decode, resize and crop back to the requested size, run the safety checker, encode the images."""
+        self._check_open()
         results = []
         for g in generations:
             t0 = time.perf_counter()
@@ -349,6 +299,7 @@ class Engine:
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> GenerationResult:
+        self._check_open()
         generation = self.prepare(request)
         while not generation.done:
             if should_cancel is not None and should_cancel():
@@ -383,22 +334,9 @@ class Engine:
 
         Texts already in the cache are not encoded again (the default empty negative prompt, repeated prompts).
         """
-        ids, mask, truncated = self.tokenizer.encode(texts, max_length=self.max_sequence_length)
-        length = self.text_length(int(mask.sum(1).max()))
-        ids, mask = ids[:, :length], mask[:, :length]
-        found = {t: v for t in texts if (v := self.text_cache.get((t, length))) is not None}
-        todo = {t: n for n, t in enumerate(texts) if t not in found}
-        if todo:
-            rows = list(todo.values())
-            for n in rows:
-                if truncated[n]:
-                    log.warning("prompt longer than %d tokens was truncated: %.80r", self.max_sequence_length, texts[n])
-            fresh = self._run_text_encoder({"input_ids": ids[rows], "attention_mask": mask[rows]})
-            for t, row in zip(todo, fresh, strict=True):
-                found[t] = row
-                self.text_cache.put((t, length), row)
-        embeds = np.stack([found[t] for t in texts])
-        return embeds, mask
+        self._check_open()
+        return encode_texts(texts, self.tokenizer, self.text_cache, self._run_text_encoder,
+                            max_length=self.max_sequence_length, trim=self.trim_text)
 
     def _run_text_encoder(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if self.text_encoder is not None:
@@ -416,17 +354,7 @@ class Engine:
         if cached is not None and len(cached[0]) == len(generations) and all(
                 a is b for a, b in zip(cached[0], generations, strict=True)):
             return cached[1], cached[2]
-        length = max(g.context.shape[1] for g in generations)
-        parts = [(g, 0) for g in generations] + [(g, 1) for g in generations if g.guided]
-        rows = sum(len(g.latents) for g, _ in parts)
-        context = np.zeros((rows, length, generations[0].context.shape[2]), np.float32)
-        mask = np.zeros((rows, length), np.int64)
-        row = 0
-        for g, which in parts:
-            n, width = len(g.latents), g.context.shape[1]
-            context[row : row + n, :width] = g.context[which]
-            mask[row : row + n, :width] = g.mask[which]
-            row += n
+        context, mask = batch_conditioning(generations)
         self._batch_text = (tuple(generations), context, mask)
         return context, mask
 
@@ -434,6 +362,7 @@ class Engine:
                       pos_embed: np.ndarray, split: int | None = None) -> np.ndarray:
         """One transformer call over every row, or, with `guidance_in_one_batch` off, one per guidance half
         (rows before and after `split`)."""
+        self._check_open()
         bounds = [0, len(x)] if self.guidance_in_one_batch or split is None else [0, split, len(x)]
         outs = []
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
@@ -453,70 +382,12 @@ class Engine:
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """(B, 4, h, w) final latents -> (B, 3, H, W) images in about [-1, 1].
-
-        One image at a time: the VAE's mid-block attention over (H/8 * W/8)^2 scores takes gigabytes per image
-        at 1024², and batching the decoder buys little on top of its convolutions.
-        """
-        scaled = (latents / np.float32(self.vae_scaling_factor)).astype(np.float32)
-        release_freed_memory()  # what the denoising loop freed, before the decoder's own peak
-
-        def decode(z: np.ndarray) -> np.ndarray:
-            return self.vae_decoder.run(None, {"latents": z})[0]
-
-        if self.vae_tile:
-            images = [decode_tiled(scaled[i : i + 1], decode, tile=self.vae_tile, scale_factor=self.vae_scale)
-                      for i in range(len(scaled))]
-        else:
-            images = [decode(scaled[i : i + 1]) for i in range(len(scaled))]
-        release_freed_memory()
-        return np.concatenate(images)
+        """(B, 4, h, w) final latents -> (B, 3, H, W) images in about [-1, 1] (whole, or in tiles of `vae_tile`)."""
+        self._check_open()
+        return decode_latents(lambda z: self.vae_decoder.run(None, {"latents": z})[0], latents,
+                              self.vae_scaling_factor, tile=self.vae_tile, scale_factor=self.vae_scale)
 
 
-def _file_identity(path: Path) -> str:
-    """Stands in for a hash the manifest lacks: name, size and modification time of the graph's weights."""
-    data = path.with_name(path.name + ".data")
-    target = data if data.exists() else path
-    st = target.stat()
-    return f"{target.name}-{st.st_size}-{st.st_mtime_ns}"
-
-
-def encode_image(pixels: np.ndarray, fmt: str, index: int) -> GeneratedImage:
-    content_type, pil_format, options, extension = FORMAT_DETAILS[fmt]
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=pil_format, **options)
-    return GeneratedImage(pixels=pixels, data=buf.getvalue(), content_type=content_type,
-                          file_name=f"image_{index}.{extension}")
-
-
-@lru_cache(maxsize=1024)
-def _prompt_texts(style: str, prompt: str, negative: str, clean: bool, guided: bool) -> tuple[str, ...]:
-    prompt, negative = apply_style(style, prompt, negative)
-    if guided:
-        return preprocess(prompt, clean), preprocess(negative, clean)
-    return (preprocess(prompt, clean),)
-
-
-class EmbeddingCache:
-    """Least-recently-used T5 outputs, bounded in bytes."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = max_bytes, 0
-        self.entries: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-
-    def get(self, key: tuple[str, int]) -> np.ndarray | None:
-        value = self.entries.get(key)
-        if value is not None:
-            self.entries.move_to_end(key)
-        return value
-
-    def put(self, key: tuple[str, int], value: np.ndarray) -> None:
-        if key in self.entries or value.nbytes > self.max_bytes:
-            return
-        value = value.copy()
-        value.flags.writeable = False
-        self.entries[key] = value
-        self.bytes += value.nbytes
-        while self.bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= old.nbytes
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: one of {choices}, not {value!r}")

@@ -1,7 +1,8 @@
-"""T5 outputs kept on disk, so a repeated prompt skips the text encoder even across restarts.
+"""The engine's caches of T5 outputs: in memory (`EmbeddingCache`), on disk (`DiskEmbeddingCache`), both in tiers.
 
-T5-XXL is the biggest graph (4.7B parameters); on a memory-constrained edge device, encoding a prompt seen before
-is the most avoidable cost there is. `DiskEmbeddingCache` keeps (L, C) float32 states in a folder:
+A repeated prompt skips the text encoder, and with a disk cache even across restarts. T5-XXL is the biggest graph
+(4.7B parameters); on a memory-constrained edge device, encoding a prompt seen before is the most avoidable cost
+there is. `DiskEmbeddingCache` keeps (L, C) float32 states in a folder:
 
     folder/<sha256 of the model key>/<sha256 of (model key, length, text)>.npy
 
@@ -12,8 +13,9 @@ the same folder, fsync, os.replace); on load the header is checked before any da
 truncated, garbage, or of the wrong shape or dtype is a miss and is removed. The folder is bounded in bytes by
 least-recent use, recency being the file's mtime (touched on every hit), so the order survives a restart too.
 
-`TieredEmbeddingCache` puts the engine's in-memory `EmbeddingCache` in front of it with that cache's own interface
-(`get((text, length))`, `put((text, length), value)`), so the engine can swap one for the other unchanged.
+`TieredEmbeddingCache` puts the in-memory `EmbeddingCache` in front of it with that cache's own interface
+(`get((text, length))`, `put((text, length), value)`, `clear()`), so the engine can swap one for the other unchanged;
+`open_text_cache` makes the one an engine's options ask for.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Protocol
@@ -240,12 +243,43 @@ class DiskEmbeddingCache:
             self.bytes -= size
 
 
+class EmbeddingCache:
+    """Least-recently-used T5 outputs, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple[str, int]) -> np.ndarray | None:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[str, int], value: np.ndarray) -> None:
+        if key in self.entries or value.nbytes > self.max_bytes:
+            return
+        value = value.copy()
+        value.flags.writeable = False
+        self.entries[key] = value
+        self.bytes += value.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+
 class KeyedEmbeddingCache(Protocol):
-    """The interface of the engine's in-memory `EmbeddingCache`."""
+    """The interface of the in-memory `EmbeddingCache`, which the engine reads and writes its T5 outputs through."""
 
     def get(self, key: tuple[str, int]) -> np.ndarray | None: ...
 
     def put(self, key: tuple[str, int], value: np.ndarray) -> None: ...
+
+    def clear(self) -> None: ...
 
 
 class TieredEmbeddingCache:
@@ -275,3 +309,30 @@ class TieredEmbeddingCache:
         with self._lock:
             self.memory.put(key, value)
         self.disk.put(*key, value)
+
+    def clear(self) -> None:
+        """Empty the memory tier; the disk tier is kept, being there to outlive the process."""
+        with self._lock:
+            self.memory.clear()
+
+
+def open_text_cache(
+    memory_bytes: int, folder: str | Path | None, text_encoder: Path, hashes: Mapping[str, Mapping[str, str]],
+    disk_bytes: int,
+) -> KeyedEmbeddingCache:
+    """The in-memory cache, and with a `folder` the disk cache behind it, keyed by the `text_encoder` graph's weights:
+    their SHA-256 from the manifest's `hashes`, or their name, size and mtime where it has none."""
+    memory = EmbeddingCache(memory_bytes)
+    if folder is None:
+        return memory
+    entry = hashes.get(text_encoder.name + ".data") or hashes.get(text_encoder.name)
+    key = entry["sha256"] if entry else _file_identity(text_encoder)
+    return TieredEmbeddingCache(memory, DiskEmbeddingCache(folder, key, disk_bytes))
+
+
+def _file_identity(path: Path) -> str:
+    """Stands in for a hash the manifest lacks: name, size and modification time of the graph's weights."""
+    data = path.with_name(path.name + ".data")
+    target = data if data.exists() else path
+    st = target.stat()
+    return f"{target.name}-{st.st_size}-{st.st_mtime_ns}"

@@ -1,7 +1,8 @@
-"""The public API's vocabulary, written once: styles, samplers, output formats, size presets, limits and defaults.
+"""The public API's vocabulary, written once: styles, samplers, output formats, size presets, limits and defaults,
+and the names of result files.
 
-Everything else (the request dataclass, the proto tables in server/convert.py, both command lines) derives its
-names, choices and defaults from here.
+Everything else (the request dataclass, the proto tables in server/core/records.py, both command lines, the result
+store) derives its names, choices and defaults from here.
 """
 
 from __future__ import annotations
@@ -59,3 +60,19 @@ def parse_image_size(text: str) -> str | tuple[int, int]:
     if sep and width.strip().isdigit() and height.strip().isdigit():
         return int(width), int(height)
     return text.strip()
+
+
+def result_file_name(index: int, output_format: str) -> str:
+    """The file name of a request's `index`-th image (from 0) in an output format: image_<index>.<extension>."""
+    return f"image_{index}.{FORMAT_DETAILS[output_format][3]}"
+
+
+# Every name the engine can give: an index below MAX_IMAGES, an extension of FORMAT_DETAILS.
+_RESULT_FILE_NAMES = frozenset(
+    result_file_name(index, output_format) for index in range(MAX_IMAGES) for output_format in FORMAT_DETAILS
+)
+
+
+def is_result_file_name(name: object) -> bool:
+    """Whether `name` is a file name `result_file_name` can make, and nothing else (False for what is not a str)."""
+    return isinstance(name, str) and name in _RESULT_FILE_NAMES

@@ -174,7 +174,7 @@ def test_text_trimming_changes_nothing_but_the_work(engine, default_export):
 
 def test_prompt_embeddings_are_cached_and_bounded(engine, default_export, monkeypatch):
     from engine import Engine
-    from engine.pipeline import EmbeddingCache
+    from engine.text_cache import EmbeddingCache
 
     fresh = Engine.load(default_export, providers=["CPUExecutionProvider"])
     calls = []
@@ -227,3 +227,29 @@ def test_every_requested_size_comes_back_exactly(engine):
             assert out.shape[2:] == (height, width), (width, height)
     r = engine.generate(GenerationRequest(prompt="x", image_size=(640, 480), num_inference_steps=1, seed=1))
     assert r.images[0].pixels.shape == (480, 640, 3)
+
+
+def test_close_releases_the_sessions_and_refuses_work_after(default_export):
+    import gc
+    import weakref
+
+    from engine import Engine
+
+    fresh = Engine.load(default_export, providers=["CPUExecutionProvider"], io_binding=True)
+    request = GenerationRequest(prompt="a boat", seed=5, **FAST)
+    generation = fresh.prepare(request)
+    fresh.step([generation])
+    sessions = [weakref.ref(s) for s in (fresh.text_encoder, fresh.transformer, fresh.vae_decoder,
+                                         fresh.safety_checker.session)]
+    bound = fresh.bound_transformer
+    assert bound.slots and fresh.text_cache.entries
+    fresh.close()
+    fresh.close()  # a second close does nothing
+    assert fresh.closed and not bound.slots and not fresh.text_cache.entries and fresh.text_cache.bytes == 0
+    del bound
+    gc.collect()
+    assert [ref() for ref in sessions] == [None] * 4
+    for call in (lambda: fresh.prepare(request), lambda: fresh.step([generation]), lambda: fresh.step([]),
+                 lambda: fresh.finish([generation]), lambda: fresh.generate(request)):
+        with pytest.raises(RuntimeError, match="the engine is closed"):
+            call()

@@ -50,7 +50,7 @@ def test_bound_buffers_are_recycled_least_recently_used(engine, default_export):
 
 
 def test_io_bound_loop_with_requests_joining(engine, bound_engine):
-    from test_continuous import SCHEDULES, companions, run_schedule
+    from tests.engine.test_continuous import SCHEDULES, companions, run_schedule
 
     subject = GenerationRequest(prompt="a green star", seed=5, num_inference_steps=6, image_size=(256, 256))
     everyone = [subject, *companions((256, 256), "SA-SOLVER")]

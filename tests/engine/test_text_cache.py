@@ -273,7 +273,7 @@ def test_threads_keep_the_count_and_the_bound(tmp_path):
 
 
 def test_tiered_cache_checks_memory_then_disk(tmp_path):
-    from engine.pipeline import EmbeddingCache
+    from engine.text_cache import EmbeddingCache
 
     disk = DiskEmbeddingCache(tmp_path, KEY, 2**20)
     DiskEmbeddingCache(tmp_path, KEY, 2**20).put("a cat", 4, states(4))
@@ -303,3 +303,31 @@ def test_a_header_claiming_a_huge_shape_is_refused_before_loading(tmp_path, monk
     assert cache.get("a cat", 4) is None
     assert calls == []
     assert files(tmp_path) == []
+
+
+def test_clearing_empties_memory_and_keeps_the_disk(tmp_path):
+    from engine.text_cache import EmbeddingCache
+
+    memory = EmbeddingCache(2**20)
+    tiered = TieredEmbeddingCache(memory, DiskEmbeddingCache(tmp_path, KEY, 2**20))
+    tiered.put(("a cat", 4), states(4))
+    assert memory.bytes > 0
+    tiered.clear()
+    assert memory.bytes == 0 and not memory.entries and memory.get(("a cat", 4)) is None
+    assert tiered.get(("a cat", 4)).tobytes() == states(4).tobytes()  # the disk tier outlives a clear
+
+
+def test_open_text_cache_keys_the_disk_by_the_text_encoders_weights(tmp_path):
+    from engine.text_cache import EmbeddingCache, open_text_cache
+
+    graph = tmp_path / "text_encoder.onnx"
+    graph.write_bytes(b"graph")
+    assert isinstance(open_text_cache(2**20, None, graph, {}, 2**20), EmbeddingCache)  # no folder: memory only
+    hashes = {"text_encoder.onnx": {"sha256": KEY}}
+    assert open_text_cache(2**20, tmp_path / "c", graph, hashes, 2**20).disk.model_key == KEY
+    (tmp_path / "text_encoder.onnx.data").write_bytes(b"w" * 10)
+    hashes["text_encoder.onnx.data"] = {"sha256": "b" * 64}  # external weights: their hash is the key
+    assert open_text_cache(2**20, tmp_path / "c", graph, hashes, 2**20).disk.model_key == "b" * 64
+    unhashed = open_text_cache(2**20, tmp_path / "c", graph, {}, 2**20)
+    assert unhashed.memory.max_bytes == 2**20 and unhashed.disk.max_bytes == 2**20
+    assert re.fullmatch(r"text_encoder\.onnx\.data-10-[0-9]+", unhashed.disk.model_key)  # name, size, mtime
