@@ -16,10 +16,6 @@ reports p50/p90/p99, images/s and errors; JSON, Markdown and (open loop) a plot 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench import PROMPTS, RESULTS, machine_info, versions
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common.machine import machine_info, versions
+from benchmarks.common.paths import RESULTS
+from benchmarks.common.prompts import PROMPTS
+from benchmarks.common.report import write_report
+from benchmarks.common.serve import ServeProcess
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -154,38 +152,15 @@ MODES = {
 
 
 def start_server(engine: str, max_batch: int, max_wait_ms: float, work: Path,
-                 flags: list[str] | None = None, name: str = "") -> tuple[subprocess.Popen, str]:
+                 flags: list[str] | None = None, name: str = "") -> ServeProcess:
     """`pixart serve` on a free port, with its queue store in `work`; returns once it is accepting."""
     name = name or str(max_batch)
-    port_file = work / f"port-{name}.json"
-    log = open(work / f"serve-{name}.log", "w")  # noqa: SIM115  (kept open for the server's lifetime)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     flags = flags if flags is not None else ["--max-batch", str(max_batch), "--max-batch-images",
                                              str(max(max_batch, 8))]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--engine", engine, "--port", "0", "--http-port", "off",
-         "--port-file", str(port_file), "--store", str(work / f"store-{name}"), "--max-wait-ms", str(max_wait_ms),
-         "--max-queue", "512", "--log-format", "text", *flags],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 600  # a large model's warm-up can take minutes on a CPU
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"pixart serve did not start:\n{(work / f'serve-{name}.log').read_text()[-3000:]}")
-        time.sleep(0.2)
-    port = json.loads(port_file.read_text())["port"]
-    return proc, f"127.0.0.1:{port}"
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    # a large model's warm-up can take minutes on a CPU
+    return ServeProcess(["--engine", engine, "--http-port", "off", "--store", str(work / f"store-{name}"),
+                         "--max-wait-ms", str(max_wait_ms), "--max-queue", "512", "--log-format", "text", *flags],
+                        folder=work, name=f"serve-{name}", timeout=600)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,30 +168,35 @@ def run(args: argparse.Namespace) -> int:
         return run_poisson(args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "key")},
-        "machine": machine_info(),
-        "versions": versions(),
-        "runs": [],
-    }
+    report = new_report(args)
     if args.address:
         report["runs"].append({"server": args.address, **drive(args.address, args)})
     else:
         with tempfile.TemporaryDirectory(prefix="pixart-load-") as tmp:
             for mb in [int(x) for x in args.max_batch.split(",") if x.strip()]:
-                proc, address = start_server(args.engine, mb, args.max_wait_ms, Path(tmp))
+                server = start_server(args.engine, mb, args.max_wait_ms, Path(tmp))
                 try:
                     report["runs"].append({"server": f"pixart serve --max-batch {mb}", "max_batch": mb,
-                                           **drive(address, args)})
+                                           **drive(server.address, args)})
                 finally:
-                    stop_server(proc)
-    stem = "loadtest" + (f"-{args.tag}" if args.tag else "")
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
+                    server.stop()
     md = markdown(report)
-    (out_dir / f"{stem}.md").write_text(md)
+    write_report(out_dir, "loadtest" + (f"-{args.tag}" if args.tag else ""), report, md)
     print(md)
     return 0
+
+
+def new_report(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """A report's opening: when, the settings (the API key left out), the machine and versions; `extra` before
+    the (empty) runs."""
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "key")},
+        "machine": machine_info(),
+        "versions": versions(),
+        **extra,
+        "runs": [],
+    }
 
 
 def markdown(report: dict) -> str:
@@ -317,35 +297,30 @@ def run_poisson(args: argparse.Namespace) -> int:
     loads = [float(x) for x in args.loads.split(",")]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "key")},
-        "machine": machine_info(), "versions": versions(), "modes": {m: MODES[m] for m in modes}, "runs": [],
-    }
+    report = new_report(args, modes={m: MODES[m] for m in modes})
     with tempfile.TemporaryDirectory(prefix="pixart-load-") as tmp:
-        proc, address = start_server(args.engine, 1, 0.0, Path(tmp), MODES["none"], "capacity")
+        server = start_server(args.engine, 1, 0.0, Path(tmp), MODES["none"], "capacity")
         try:
-            report["capacity"] = measure_capacity(address, steps, sizes, args.key, args.timeout)
+            report["capacity"] = measure_capacity(server.address, steps, sizes, args.key, args.timeout)
         finally:
-            stop_server(proc)
+            server.stop()
         rate0 = report["capacity"]["requests_per_s"]
         print(f"capacity without batching: {rate0:.2f} requests/s", file=sys.stderr)
         for mode in modes:
-            proc, address = start_server(args.engine, 1, args.max_wait_ms, Path(tmp), MODES[mode], mode)
+            server = start_server(args.engine, 1, args.max_wait_ms, Path(tmp), MODES[mode], mode)
             try:
                 for load in loads:
                     arrivals = schedule(load * rate0, args.arrivals, steps, sizes, args.seed)
-                    result = drive_open(address, arrivals, args.key, args.timeout)
+                    result = drive_open(server.address, arrivals, args.key, args.timeout)
                     report["runs"].append({"mode": mode, "load": load, "rate_per_s": load * rate0, **result})
                     lat = result["latency_s"]
                     print(f"{mode:>10} at {load:.0%}: p50 {lat.get('p50', 0):.2f} s, p99 {lat.get('p99', 0):.2f} s, "
                           f"{result['images_per_s']:.2f} images/s", file=sys.stderr)
             finally:
-                stop_server(proc)
+                server.stop()
     stem = "loadtest-poisson" + (f"-{args.tag}" if args.tag else "")
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
     md = markdown_poisson(report)
-    (out_dir / f"{stem}.md").write_text(md)
+    write_report(out_dir, stem, report, md)
     plot_poisson(report, out_dir / f"{stem}.png")
     print(md)
     return 0

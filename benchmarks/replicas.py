@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
+import signal
 import sys
 import tempfile
 import threading
@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench import RESULTS, machine_info
+from benchmarks.common.machine import machine_info
+from benchmarks.common.paths import RESULTS, ROOT
+from benchmarks.common.serve import ServeProcess
 
-ROOT = Path(__file__).resolve().parents[1]
 REQUEST = b"\x0a\x03cat" * 20  # about the size of a stored GenerateRequest
 
 
@@ -47,20 +48,10 @@ def _new_database(admin: str, name: str) -> str:
     return admin.replace("/postgres?", f"/{name}?", 1)
 
 
-def _serve(url: str, folder: Path, name: str, threads: int, engine: str) -> tuple[subprocess.Popen, str, Path]:
-    port_file = folder / f"{name}.port"
-    log = open(folder / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the process)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--engine", engine, "--store", url, "--results",
-         str(folder / "results"), "--port", "0", "--http-port", "off", "--port-file", str(port_file),
-         "--replica-id", name, "--intra-op-threads", str(threads), "--max-batch", "4", "--max-batch-images", "4"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    end = time.monotonic() + 180
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > end:
-            raise RuntimeError((folder / f"{name}.log").read_text()[-2000:])
-        time.sleep(0.1)
-    return proc, f"127.0.0.1:{json.loads(port_file.read_text())['port']}", port_file
+def _serve(url: str, folder: Path, name: str, threads: int, engine: str) -> ServeProcess:
+    return ServeProcess(["--engine", engine, "--store", url, "--results", str(folder / "results"), "--http-port", "off",
+                         "--replica-id", name, "--intra-op-threads", str(threads), "--max-batch", "4",
+                         "--max-batch-images", "4"], folder=folder, name=name)
 
 
 def throughput(admin: str, folder: Path, replicas: int, requests: int, steps: int, size: int, engine: str) -> dict:
@@ -73,7 +64,7 @@ def throughput(admin: str, folder: Path, replicas: int, requests: int, steps: in
     work = folder / f"replicas-{replicas}"
     work.mkdir()
     procs = [_serve(url, work, f"r{i}", threads, engine) for i in range(replicas)]
-    clients = [Client(address, timeout=60) for _, address, _ in procs]
+    clients = [Client(proc.address, timeout=60) for proc in procs]
     try:
         t0 = time.perf_counter()
         ids = [clients[i % replicas].submit(f"request {i}", seed=i, num_inference_steps=steps, image_size=(size, size))
@@ -86,9 +77,9 @@ def throughput(admin: str, folder: Path, replicas: int, requests: int, steps: in
     finally:
         for c in clients:
             c.close()
-        for proc, _, _ in procs:
-            proc.terminate()
-        for proc, _, _ in procs:
+        for proc in procs:
+            proc.signal(signal.SIGTERM)
+        for proc in procs:
             proc.wait(60)
     return {"replicas": replicas, "intra_op_threads": threads, "requests": requests, "steps": steps, "size": size,
             "seconds": round(elapsed, 3), "requests_per_s": round(requests / elapsed, 3)}
@@ -100,7 +91,7 @@ def _percentiles(samples: list[float]) -> dict:
 
 
 def store_overhead(store, calls: int) -> dict:
-    from server.store import new_request_id
+    from server.storage import new_request_id
 
     submit, status, ids = [], [], []
     for _ in range(calls):
@@ -119,7 +110,7 @@ def store_overhead(store, calls: int) -> dict:
 
 
 def claims_per_second(store, rows: int, claimers: int) -> dict:
-    from server.store import COMPLETED, new_request_id
+    from server.storage import COMPLETED, new_request_id
 
     for _ in range(rows):
         store.add(new_request_id(), REQUEST)
@@ -155,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
 
-    from server.pgstore import PostgresStore
-    from server.store import SqliteStore
+    from server.storage import SqliteStore, open_store
 
     folder = Path(tempfile.mkdtemp(prefix="pixart-bench-replicas-"))
     server, admin = _postgres(folder / "pg")
@@ -168,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             report["throughput"].append(row)
         sqlite = SqliteStore(folder / "sqlite")
-        pg = PostgresStore(_new_database(admin, "bench_overhead"), folder / "pg-results")
+        pg = open_store(_new_database(admin, "bench_overhead"), folder / "pg-results")
         report["store_overhead"] = {"sqlite": store_overhead(sqlite, args.calls),
                                     "postgresql": store_overhead(pg, args.calls)}
         print(json.dumps(report["store_overhead"]), flush=True)
-        pg_claims = PostgresStore(_new_database(admin, "bench_claims"), folder / "pg-results")
+        pg_claims = open_store(_new_database(admin, "bench_claims"), folder / "pg-results")
         report["claims"] = claims_per_second(pg_claims, args.claim_rows, args.claimers)
         print(json.dumps(report["claims"]), flush=True)
         for s in (sqlite, pg, pg_claims):

@@ -1,1 +1,1 @@
-"""The gRPC service for the engine: servicer, scheduler, durable store, metrics, auth, client and CLI."""
+"""The service over the engine: transports (api/), the request service and its scheduling (core/), storage/."""

@@ -12,8 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tests.support.servers import wait_for
+
 from tests.acceptance.test_fal import KEY, Hook, server, tls  # noqa: F401  (the same TLS server fixture)
+from tests.support.servers import wait_for
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pixart_cli import build_parser
-from server.metrics import Metrics
+from server.observability.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ROOT = DEPLOY.parent

@@ -178,9 +178,10 @@ def test_disk_embedding_cache_survives_restart_and_skips_t5(frugal_export, tmp_p
 def test_serve_rejects_bad_memory_configurations(default_export, frugal_export, tmp_path):
     from pixart_cli import build_parser
     from server.cli import memory_options
+    from server.config import from_args
 
     def options(*argv):
-        return memory_options(build_parser().parse_args(["serve", "--store", str(tmp_path), *argv]))
+        return memory_options(from_args(build_parser().parse_args(["serve", "--store", str(tmp_path), *argv])))
 
     with pytest.raises(SystemExit, match="below every plan"):
         options("--engine", str(frugal_export), "--memory-budget", "0.001")

@@ -3,18 +3,16 @@
 The engine export is built once per test session (`pixart export --out DIR`), or taken from PIXART_TEST_EXPORT
 when that names an existing export folder, so that a developer can skip the build. Servers are real: gRPC on
 loopback port 0, either in this process (on an event loop in a background thread, so tests can also look at
-the batcher) or as `python -m server.cli serve` subprocesses for SIGTERM and kill -9.
+its parts) or as `python -m server.cli serve` subprocesses for SIGTERM and kill -9.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.app import App, ServerConfig
+from benchmarks.common.serve import ServeProcess
+from server.app import App
+from server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 _lock = threading.Lock()
@@ -76,6 +76,19 @@ def config(store: Path, **kw: Any) -> ServerConfig:
     return replace(base, **kw)
 
 
+class Borrowed:
+    """An engine lent to one server of the session: everything but close(), which would take it from the others."""
+
+    def __init__(self, engine: Any):
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def close(self) -> None:
+        pass
+
+
 class ServerThread:
     """An App on its own event loop in a daemon thread."""
 
@@ -83,7 +96,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
         self.thread.start()
-        loader = (lambda _d, _p, **_o: engine) if engine is not None else (lambda _d, _p, **_o: shared_engine())
+        loader = lambda _d, _p, **_o: Borrowed(engine if engine is not None else shared_engine())  # noqa: E731
         self.app: App = self.run(self._make(cfg, loader))
         if load:
             self.run(self.app.load_engine())
@@ -109,8 +122,7 @@ class ServerThread:
         """Until nothing is queued or running (cancelled work has stopped)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            s = self.app.batcher
-            if s is None or (not s.pending and not s.running):
+            if self.app.loop is None or (self.app.loop.scheduler.idle and not self.app.loop.scheduler.waiting):
                 return
             time.sleep(0.02)
         raise TimeoutError("server did not become idle")
@@ -122,50 +134,14 @@ class ServerThread:
         self.thread.join(10)
 
 
-class ServerProcess:
-    """`python -m server.cli serve` on port 0; the chosen ports come back through --port-file."""
+class ServerProcess(ServeProcess):
+    """`pixart serve` of the session's export on port 0 (gRPC and HTTP), without warm-up."""
 
     def __init__(self, store: Path | str, *args: str, env: dict | None = None, folder: Path | None = None):
         # folder: where its port file and log go (default beside a store folder; needed for a database URL)
-        self.store = store
-        folder = Path(folder) if folder is not None else Path(store).parent
-        self.port_file = folder / f"ports-{time.monotonic_ns()}.json"
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--engine", str(export_dir()), "--port", "0",
-               "--http-port", "0", "--store", str(store), "--port-file", str(self.port_file), "--no-warmup",
-               *args]
-        self.log_path = folder / f"server-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in wait())
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-        end = time.monotonic() + 120
-        while not self.port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-        ports = json.loads(self.port_file.read_text())
-        self.port, self.http_port = ports["port"], ports["http_port"]
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.wait(30)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.wait(30)
+        super().__init__(["--engine", str(export_dir()), "--http-port", "0", "--store", str(store), "--no-warmup",
+                          *args], folder=Path(folder) if folder is not None else Path(store).parent, name="server",
+                         env=env, timeout=120)
 
 
 def health(address: str, service: str = "") -> int:

@@ -9,12 +9,12 @@ import shutil
 
 import grpc
 import pytest
-from tests.support.servers import ServerThread, config, shared_engine, wait_for
 
 from engine.manifest import ManifestError
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.client import Client
-from server.store import SqliteStore
+from server.storage import SqliteStore
+from tests.support.servers import ServerThread, config, shared_engine, wait_for
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -40,9 +40,10 @@ class FailingStep:
 def test_an_engine_failure_mid_batch_fails_that_batch_and_the_server_goes_on(tmp_path) -> None:
     engine = FailingStep(shared_engine(), fail_at=2)
     # a batch waits up to 1 s for companions: each Submit commits (and claims) before the next is sent
-    srv = ServerThread(config(tmp_path / "store", max_batch=4, max_batch_images=4, max_wait_ms=1000), engine=engine)
+    # request-level batching: one batch formed from both, so that the failure hits both
+    srv = ServerThread(config(tmp_path / "store", max_batch=4, max_batch_images=4, max_wait_ms=1000,
+                              batching="request"), engine=engine)
     try:
-        srv.app.batcher.continuous = False  # one batch formed from both, so that the failure hits both
         with Client(srv.address, timeout=60) as c:
             first = c.submit("one", num_inference_steps=4, image_size=(256, 256))
             second = c.submit("two", num_inference_steps=4, image_size=(256, 256))
@@ -103,7 +104,7 @@ def test_grace_period_over_stops_running_work_and_keeps_it_for_the_next_start(tm
                        image_size=(256, 256))
         wait_for(lambda: c.status(rid).state == pb.IN_PROGRESS and c.status(rid).progress.step >= 1)
     srv.run(srv.app.drain())  # after 0.5 s the running request is stopped at its next step
-    assert srv.app.batcher.running == []
+    assert srv.app.loop.scheduler.running == []
     row = SqliteStore(tmp_path / "store").get(rid)
     assert row.state == "IN_PROGRESS"  # durable: kept for the next start, not failed
     srv.close()

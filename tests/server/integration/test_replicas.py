@@ -14,12 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
 import pytest
-from tests.support.servers import ROOT, ServerProcess, export_dir, wait_for
-from tests.support.postgres import new_database
 
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.client import Client
-from server.store import open_store
+from server.storage import open_store
+from tests.support.postgres import new_database
+from tests.support.servers import ROOT, ServerProcess, export_dir, wait_for
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 

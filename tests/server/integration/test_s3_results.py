@@ -13,15 +13,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from tests.support import s3server
-from tests.support.servers import ServerThread, config, wait_for
-from tests.support.postgres import new_database
 
 from protos.pixart.v1 import pixart_pb2 as pb
-from server import store as st
+from server import storage as st
 from server.client import Client
-from server.s3results import ResultsUnavailable, S3Results
-from server.store import new_request_id, open_store
+from server.storage import new_request_id, open_store
+from server.storage.s3 import ResultsUnavailable, S3Results
+from tests.support import s3server
+from tests.support.postgres import new_database
+from tests.support.servers import ServerThread, config, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 REQUEST = b"\x0a\x03cat"

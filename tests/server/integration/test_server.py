@@ -17,6 +17,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from protos.pixart.v1 import pixart_pb2 as pb
+from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
+from server.client import AsyncClient, Client, PixArtError
 from tests.support.servers import (
     ServerThread,
     config,
@@ -26,13 +33,6 @@ from tests.support.servers import (
     shared_engine,
     wait_for,
 )
-from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from PIL import Image
-
-from protos.pixart.v1 import pixart_pb2 as pb
-from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
-from server.client import AsyncClient, Client, PixArtError
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -84,9 +84,12 @@ def test_generate_unary(client) -> None:
     assert _pixels(img.file_data).shape == (256, 256, 3)
     t = r.timings
     assert t.queue >= 0 and t.denoising > 0 and t.total >= t.denoising
-    # same seed and inputs, same pixels; a random seed is reported
+    # same seed and inputs, same pixels; a random seed is reported: it is the one used, and a fresh one each time
     assert client.generate("a red fox in the snow", seed=42, **CHEAP).images[0].file_data == img.file_data
-    assert client.generate("a red fox", num_images=2, output_format="jpeg", **CHEAP).seed >= 0
+    drawn = client.generate("a red fox", num_images=2, output_format="jpeg", **CHEAP)
+    again = client.generate("a red fox", num_images=2, output_format="jpeg", seed=drawn.seed, **CHEAP)
+    assert [i.file_data for i in again.images] == [i.file_data for i in drawn.images]
+    assert client.generate("a red fox", **CHEAP).seed != drawn.seed
 
 
 def test_stream_event_order(client) -> None:

@@ -10,10 +10,10 @@ import signal
 
 import grpc
 import pytest
-from tests.support.servers import ServerProcess, health, wait_for
 
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.client import Client, PixArtError
+from tests.support.servers import ServerProcess, health, wait_for
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 

@@ -7,10 +7,11 @@ import sqlite3
 import threading
 
 import pytest
-from tests.support.postgres import new_database
 
-from server import store as st
-from server.store import SchemaTooNew, SqliteStore, new_request_id, open_store
+from server import storage as st
+from server.storage import SchemaTooNew, SqliteStore, new_request_id, open_store
+from server.storage import sqlite as sqlite_backend
+from tests.support.postgres import new_database
 
 pytestmark = pytest.mark.timeout(120)
 REQUEST = b"\x0a\x03cat"
@@ -189,8 +190,8 @@ def test_a_store_of_the_previous_release_is_migrated(tmp_path) -> None:
     folder = tmp_path / "old"
     folder.mkdir()
     db = sqlite3.connect(folder / "requests.sqlite3")
-    db.executescript(st._SQLITE_SCHEMA)
-    for statement in (*st._SQLITE_MIGRATIONS[0], *st._SQLITE_MIGRATIONS[1]):
+    db.executescript(sqlite_backend._SQLITE_SCHEMA)
+    for statement in (*sqlite_backend._SQLITE_MIGRATIONS[0], *sqlite_backend._SQLITE_MIGRATIONS[1]):
         db.execute(statement)
     db.execute("INSERT INTO requests (id, state, durable, request, created) VALUES (?, 'IN_PROGRESS', 1, ?, 1.0)",
                ("ab" * 16, REQUEST))

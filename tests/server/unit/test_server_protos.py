@@ -8,7 +8,7 @@ from engine.request import GenerationRequest
 from engine.vocabulary import IMAGE_SIZE_PRESETS, OUTPUT_FORMATS, SCHEDULERS, STYLE_NAMES
 from protos import generate
 from protos.pixart.v1 import pixart_pb2 as pb
-from server import convert
+from server.core import records
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -20,10 +20,10 @@ def test_stubs_match_proto() -> None:
 @pytest.mark.parametrize(
     ("enum", "table", "names"),
     [
-        (pb.Style, convert.STYLES, STYLE_NAMES),
-        (pb.ImageSizePreset, convert.IMAGE_SIZES, tuple(IMAGE_SIZE_PRESETS)),
-        (pb.Scheduler, convert.SCHEDULERS, SCHEDULERS),
-        (pb.OutputFormat, convert.OUTPUT_FORMATS, OUTPUT_FORMATS),
+        (pb.Style, records.STYLES, STYLE_NAMES),
+        (pb.ImageSizePreset, records.IMAGE_SIZES, tuple(IMAGE_SIZE_PRESETS)),
+        (pb.Scheduler, records.SCHEDULERS, SCHEDULERS),
+        (pb.OutputFormat, records.OUTPUT_FORMATS, OUTPUT_FORMATS),
     ],
 )
 def test_enums_cover_the_contract(enum, table, names) -> None:
@@ -33,7 +33,7 @@ def test_enums_cover_the_contract(enum, table, names) -> None:
 
 
 def test_unset_fields_take_the_spec_defaults() -> None:
-    assert convert.request_from_proto(pb.GenerateRequest(prompt="a fox")) == GenerationRequest(prompt="a fox")
+    assert records.request_from_proto(pb.GenerateRequest(prompt="a fox")) == GenerationRequest(prompt="a fox")
 
 
 @pytest.mark.parametrize(
@@ -49,8 +49,8 @@ def test_unset_fields_take_the_spec_defaults() -> None:
     ],
 )
 def test_request_round_trip(request_: GenerationRequest) -> None:
-    msg = convert.request_to_proto(request_)
-    assert convert.request_from_proto(pb.GenerateRequest.FromString(msg.SerializeToString())) == request_
+    msg = records.request_to_proto(request_)
+    assert records.request_from_proto(pb.GenerateRequest.FromString(msg.SerializeToString())) == request_
 
 
 def test_fields_with_defaults_are_optional() -> None:

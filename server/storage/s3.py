@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .store import is_request_id, is_result_file
+from .ids import is_request_id, is_result_file_name
 
 log = logging.getLogger("pixart.server")
 # SigV4 query signatures are refused by S3 beyond this many seconds.
@@ -27,10 +27,6 @@ MAX_PRESIGN_S = 7 * 24 * 3600
 
 class ResultsUnavailable(RuntimeError):
     """The results bucket cannot be used (no boto3, unreachable endpoint, missing bucket, refused credentials)."""
-
-
-def is_s3_url(results: str | Path | None) -> bool:
-    return isinstance(results, str) and results.startswith("s3://")
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -73,7 +69,7 @@ class S3Results:
 
     def _key(self, request_id: str, file_name: str) -> str:
         # only the issued id format and engine-made names ever become a key: no "..", no "/", no other prefix
-        if not (is_request_id(request_id) and is_result_file(file_name)):
+        if not (is_request_id(request_id) and is_result_file_name(file_name)):
             raise ValueError("result keys take an issued request id and an image_<index>.<ext> file name")
         return f"{self.prefix}{request_id}/{file_name}"
 
@@ -85,7 +81,7 @@ class S3Results:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=kind)
 
     def read(self, request_id: str, file_name: str) -> bytes | None:
-        if not (is_request_id(request_id) and is_result_file(file_name)):
+        if not (is_request_id(request_id) and is_result_file_name(file_name)):
             return None
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=self._key(request_id, file_name))
@@ -95,7 +91,7 @@ class S3Results:
 
     def url(self, request_id: str, file_name: str, ttl_s: float) -> str | None:
         """A presigned GET of the object, valid for ttl_s (local signing: no request is made)."""
-        if not (is_request_id(request_id) and is_result_file(file_name)):
+        if not (is_request_id(request_id) and is_result_file_name(file_name)):
             return None
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(request_id, file_name)},

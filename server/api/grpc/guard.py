@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from .logs import RateLimitedLog
+from server.observability.logs import RateLimitedLog
 
 log = logging.getLogger("pixart.server.guard")
 MESSAGE = "the request is not a valid protobuf message of this method's type"

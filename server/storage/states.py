@@ -1,4 +1,4 @@
-"""A request's states, as the proto, the store and the batcher all spell them."""
+"""A request's states, as the proto, the store and the scheduler all spell them."""
 
 from __future__ import annotations
 
@@ -17,3 +17,6 @@ class State(str, enum.Enum):
 
 
 TERMINAL = (State.COMPLETED, State.FAILED, State.CANCELED)
+
+IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELED = (State.IN_QUEUE.value, State.IN_PROGRESS.value,
+                                                      State.COMPLETED.value, State.FAILED.value, State.CANCELED.value)

@@ -1,4 +1,5 @@
-"""The PostgreSQL backend of the store: many replicas on one database (psycopg 3 with a connection pool).
+"""The PostgreSQL backend of the store (`--store postgresql://...`): many replicas on one database (psycopg 3 with
+a connection pool).
 
 Claims use `SELECT ... FOR UPDATE SKIP LOCKED`, so replicas claiming at the same moment take different rows and
 never wait for each other; `finish` locks the row (`FOR UPDATE`) while it checks the claim and writes. Leases are
@@ -12,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from .store import Results, SchemaTooNew, SqlStore, open_results
+from .results import Results
+from .sql import SchemaTooNew, SqlStore
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -63,9 +64,9 @@ class PostgresStore(SqlStore):
     _for_update = " FOR UPDATE"
     _skip_locked = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, url: str, results: str | Path | Results, *, min_connections: int = 1, max_connections: int = 8):
+    def __init__(self, url: str, results: Results, *, min_connections: int = 1, max_connections: int = 8):
         self.url = url
-        self.results = open_results(results)
+        self.results = results
         # the pool never logs or raises the URL (it carries the password); a bad one fails here, at startup
         self._pool = ConnectionPool(url, min_size=min_connections, max_size=max_connections, open=False,
                                     kwargs={"autocommit": True}, name="pixart-store")

@@ -1,4 +1,7 @@
-"""Proto <-> engine dataclasses, and the gRPC shape of a refusal (google.rpc.BadRequest).
+"""Proto <-> engine dataclasses, and the google.rpc.Status of every outcome that is not a result.
+
+The protos are both the wire format of gRPC and the record format of the store (a row keeps its request, result
+and error as serialized pixart.v1 / google.rpc messages), so every transport and the output side translate here.
 
 The field rules live in engine.request; this module only translates. A value the proto can carry but the
 contract cannot (an enum number this server does not know, a custom size with a side left out) is translated
@@ -18,7 +21,7 @@ from engine import vocabulary
 from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
 
-from .batcher import DeadlineExceeded, ShutdownAbort
+from .work import DeadlineExceeded, ShutdownAbort
 
 
 def _proto_table(enum, prefix: str, names, default: str) -> dict[int, str]:
@@ -213,3 +216,8 @@ def outcome_status(outcome: BaseException) -> status_pb2.Status:
     if isinstance(outcome, Cancelled):
         return error_status(grpc.StatusCode.CANCELLED, "cancelled")
     return status_from_exception(outcome)
+
+
+def sync_mode(msg: pb.GenerateRequest) -> bool:
+    """A request's sync_mode; left unset it is the API's default, true (bytes in the answer, no URLs)."""
+    return msg.sync_mode if msg.HasField("sync_mode") else True

@@ -1,12 +1,11 @@
 """The HTTP port beside gRPC (Starlette on uvicorn, on the gRPC server's event loop): stored result images, /metrics,
-/healthz, and fal's queue protocol (server/fal.py).
+/healthz, and the routes of HTTP transports (fal's queue protocol, server/api/http/fal.py).
 
-Result images are served only through URLs the server signed: HMAC-SHA256 over request id, file name and expiry with
-a key only the server holds (`?expires=<unix s>&signature=<hex>`), like an object store's presigned URL, so a URL
-can be handed to a browser and stops working when it expires. With API keys configured, `Authorization: Key <key>`
-also opens any result, without a signature. Before any file is touched the id must have the issued format, the file
-name the engine's format, the request must be COMPLETED with `sync_mode=false`, and its result must name that file;
-nothing else in the store folder (the database, keys) has a route.
+Result images are served only through URLs the server signed (server/core/links.py), like an object store's
+presigned URL, so a URL can be handed to a browser and stops working when it expires. With API keys configured,
+`Authorization: Key <key>` also opens any result, without a signature. Before any file is touched the id must have
+the issued format, the file name the engine's format, the request must be COMPLETED with `sync_mode=false`, and its
+result must name that file; nothing else in the store folder (the database, keys) has a route.
 
 With results in object storage the same checks run, then the answer is a 307 to a fresh presigned URL of the object
 rather than the bytes: the server never carries image bytes it does not have to (clients normally get the presigned
@@ -17,78 +16,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import mimetypes
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from .auth import key_matches, presented_key
-from .store import is_request_id, is_result_file
-
-if TYPE_CHECKING:
-    from .fal import FalApi
-
-
-class ResultSigner:
-    """Signed, expiring result URLs."""
-
-    def __init__(self, secret: bytes, ttl_s: float):
-        self.secret, self.ttl_s = secret, ttl_s
-
-    def _mac(self, request_id: str, file_name: str, expires: int) -> str:
-        message = f"{request_id}/{file_name}/{expires}".encode()
-        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
-
-    def url(self, base: str, request_id: str, file_name: str, now: float | None = None) -> str:
-        expires = int((now if now is not None else time.time()) + self.ttl_s)
-        signature = self._mac(request_id, file_name, expires)
-        return f"{base.rstrip('/')}/results/{request_id}/{quote(file_name)}?expires={expires}&signature={signature}"
-
-    def valid(self, request_id: str, file_name: str, expires: str, signature: str) -> bool:
-        if not expires.isdigit() or len(expires) > 12 or len(signature) != 64:
-            return False
-        if int(expires) < time.time():
-            return False
-        return hmac.compare_digest(self._mac(request_id, file_name, int(expires)), signature)
+from server.api.keys import ApiKeys
+from server.core.links import ResultSigner
+from server.storage import is_request_id, is_result_file_name
 
 
 def build_app(
     *,
-    signer: ResultSigner | None,
-    result_file: Callable[[str, str], Awaitable[Path | str | None]] | None,
-    keys: list[str],
-    render_metrics: Callable[[], bytes] | None,
+    keys: ApiKeys,
     healthy: Callable[[], bool],
-    fal: FalApi | None = None,
+    render_metrics: Callable[[], bytes] | None = None,
+    signer: ResultSigner | None = None,
+    result_file: Callable[[str, str], Awaitable[Path | str | None]] | None = None,
 ) -> Starlette:
-    """The routes this port serves: results (when `signer`; `result_file` gives a file to send, a URL to redirect
-    to, or None), /metrics (when `render_metrics`), /healthz, and fal's
-    queue protocol (when `fal`)."""
-
-    def key_ok(request: Request) -> bool:
-        presented = presented_key(request.headers.get("authorization", ""))
-        return bool(keys) and bool(presented) and key_matches(presented, keys)
+    """The routes this port serves: /healthz; /metrics (when `render_metrics`); results (when `signer`: `result_file`
+    gives a file to send, a URL to redirect to, or None). HTTP transports mount their own routes on it."""
 
     async def result(request: Request) -> Response:
         request_id, file_name = request.path_params["request_id"], request.path_params["file_name"]
-        if not (is_request_id(request_id) and is_result_file(file_name)):
+        if not (is_request_id(request_id) and is_result_file_name(file_name)):
             return PlainTextResponse("not found\n", 404)
         query = request.query_params
         signed = signer.valid(request_id, file_name, query.get("expires", ""), query.get("signature", ""))
-        if not (signed or key_ok(request)):
+        if not (signed or keys.proves(request.headers.get("authorization", ""))):
             return PlainTextResponse("a valid signature (or, where keys are configured, an API key) is required\n",
-                                     403 if "signature" in query or not keys else 401)
+                                     403 if "signature" in query or not keys.required else 401)
         path = await result_file(request_id, file_name)
         if path is None:
             return PlainTextResponse("not found\n", 404)
@@ -98,7 +61,7 @@ def build_app(
         return FileResponse(path, media_type=kind, headers={"Cache-Control": "private, max-age=300"})
 
     async def metrics(request: Request) -> Response:
-        if keys and not key_ok(request):
+        if not keys.allows(request.headers.get("authorization", "")):
             return PlainTextResponse("an API key is required (Authorization: Key <key>)\n", 401)
         body = await asyncio.to_thread(render_metrics)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -106,17 +69,12 @@ def build_app(
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n") if healthy() else PlainTextResponse("not serving\n", 503)
 
-    routes = [Route("/healthz", healthz)]
+    table: list[BaseRoute] = [Route("/healthz", healthz)]
     if signer is not None and result_file is not None:
-        routes.append(Route("/results/{request_id}/{file_name}", result))
+        table.append(Route("/results/{request_id}/{file_name}", result))
     if render_metrics is not None:
-        routes.append(Route("/metrics", metrics))
-    if fal is None:
-        return Starlette(routes=routes)
-    app = Starlette(routes=routes + fal.routes())
-    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
-    app.router.routes.append(Route("/fal/proxy", fal.proxy(app.router), methods=methods))
-    return app
+        table.append(Route("/metrics", metrics))
+    return Starlette(routes=table)
 
 
 class _Server(uvicorn.Server):

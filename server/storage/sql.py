@@ -1,13 +1,13 @@
-"""The durable side of the queue, behind one interface with two backends, and where result images are kept.
+"""What both store backends share: the requests table's rows, every statement (written once, with `?`
+placeholders), and the promises they keep.
 
-SqliteStore (`--store DIR`, the embedded default): one process owns the folder: requests.sqlite3 (WAL), the
-server's signing keys (*.key), and results/<request_id>/<file_name> unless `--results` names another folder.
-PostgresStore (`--store postgresql://...`, server/pgstore.py): any number of replicas share one database; the
-keys live in it, result images in the shared `--results` folder (a ReadWriteMany volume on Kubernetes).
-Either keeps its images in a folder (FolderResults) or in S3-compatible object storage (`--results s3://bucket/prefix`,
-S3Results in server/s3results.py); the rest of the server sees only the Results interface.
+SqliteStore (`--store DIR`, the embedded default, server/storage/sqlite.py): one process owns the folder:
+requests.sqlite3 (WAL), the server's signing keys (*.key), and results/<request_id>/<file_name> unless `--results`
+names another folder. PostgresStore (`--store postgresql://...`, server/storage/postgres.py): any number of
+replicas share one database; the keys live in it, result images in the shared `--results` folder (a ReadWriteMany
+volume on Kubernetes) or in S3-compatible object storage (server/storage/s3.py).
 
-Both run the same SQL (written here with `?` placeholders) and keep the same promises:
+Both keep the same promises:
 - A Submit is acknowledged only after its row is committed, so a request the server said yes to survives kill -9;
   so is a Cancel (the flag is committed before the answer, and whoever runs or claims the request honours it).
 - Work is claimed: a replica takes the oldest queued rows (locked rows are skipped, so two replicas never take the
@@ -26,45 +26,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
-import secrets
-import shutil
-import sqlite3
-import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from .states import TERMINAL, State
-
-IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELED = (State.IN_QUEUE.value, State.IN_PROGRESS.value,
-                                                      State.COMPLETED.value, State.FAILED.value, State.CANCELED.value)
+from .ids import is_request_id
+from .results import Results
+from .states import CANCELED, IN_PROGRESS, IN_QUEUE, TERMINAL
 
 _COLUMNS = ("id, state, durable, request, webhook_url, webhook_done, created, started, finished, error, result, logs, "
             "cancel_requested, origin, owner, attempt, progress_step, progress_total, seq")
 _ACTIVE = f"state IN ('{IN_QUEUE}', '{IN_PROGRESS}')"
 _ENDED = "state IN ({})".format(", ".join(f"'{s.value}'" for s in TERMINAL))
-
-# Request ids are exactly what new_request_id() makes; anything else is refused before it reaches a query or a path.
-_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
-# Result files are exactly what the engine names them: image_<index>.<extension>.
-_RESULT_FILE = re.compile(r"image_[0-9]{1,2}\.(?:png|jpg|webp)")
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def is_request_id(value: str) -> bool:
-    return isinstance(value, str) and _REQUEST_ID.fullmatch(value) is not None
-
-
-def is_result_file(value: str) -> bool:
-    return isinstance(value, str) and _RESULT_FILE.fullmatch(value) is not None
 
 
 class SchemaTooNew(RuntimeError):
@@ -92,66 +67,6 @@ class Row:
     progress: tuple[int, int] = (0, 0)  # (step, total steps), as its runner last reported
     seq: int = 0
 
-
-class Results(Protocol):
-    """Where result images are kept. Every method refuses (None, or ValueError for write) a request id that is not
-    of the issued format and a file name the engine would not make, before it touches storage."""
-
-    def write(self, request_id: str, images: Sequence[tuple[str, bytes]]) -> None:
-        """Each image atomically (a reader sees all of it or none); raises if one cannot be written."""
-
-    def read(self, request_id: str, file_name: str) -> bytes | None: ...
-
-    def url(self, request_id: str, file_name: str, ttl_s: float) -> str | None:
-        """A URL of the storage itself that clients may fetch for ttl_s, or None: the server serves the file."""
-
-    def path(self, request_id: str, file_name: str) -> Path | None:
-        """A local file the server can send, or None (none there, or not kept in a filesystem)."""
-
-    def delete(self, request_id: str) -> None: ...
-
-
-class FolderResults:
-    """Result images in a folder, one sub-folder per request: local, or shared by replicas (NFS, RWX volume)."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def write(self, request_id: str, images: Sequence[tuple[str, bytes]]) -> None:
-        """Each file atomically (a reader sees all of it or none)."""
-        if not is_request_id(request_id):
-            raise ValueError("result folders are named by issued request ids only")
-        folder = self.root / request_id
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, data in images:
-            if not is_result_file(name):
-                raise ValueError("result file names must be image_<index>.<png|jpg|webp>")
-            tmp = folder / f".{name}.{os.getpid()}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, folder / name)
-
-    def path(self, request_id: str, file_name: str) -> Path | None:
-        """The file of a stored image, or None. Only an id of the issued format and an engine-made file name are
-        looked at, and the path must resolve inside that request's own folder (no links out)."""
-        if not (is_request_id(request_id) and is_result_file(file_name)):
-            return None
-        folder = (self.root / request_id).resolve()
-        path = (folder / file_name).resolve()
-        if path.parent != folder or not folder.is_relative_to(self.root.resolve()) or not path.is_file():
-            return None
-        return path
-
-    def read(self, request_id: str, file_name: str) -> bytes | None:
-        path = self.path(request_id, file_name)
-        return path.read_bytes() if path is not None else None
-
-    def url(self, request_id: str, file_name: str, ttl_s: float) -> str | None:
-        return None  # a folder has no URL of its own: the server signs and serves /results/...
-
-    def delete(self, request_id: str) -> None:
-        if is_request_id(request_id):
-            shutil.rmtree(self.root / request_id, ignore_errors=True)
 
 
 class SqlStore:
@@ -190,6 +105,10 @@ class SqlStore:
 
     def schema_version(self) -> int:
         raise NotImplementedError
+
+    def forget_claims(self) -> None:
+        """At startup. A store shared by replicas keeps every claim (a dead holder's lease runs out); a store one
+        process owns forgets the claims left in it, which belonged to a process that is gone."""
 
     # -- submitting and looking ------------------------------------------------------------------------------
     def add(self, request_id: str, request: bytes, webhook_url: str = "", origin: str = "grpc") -> None:
@@ -356,152 +275,6 @@ class SqlStore:
         for request_id in ids:
             self.results.delete(request_id)
         return len(ids)
-
-
-_SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    state TEXT NOT NULL,
-    durable INTEGER NOT NULL,
-    request BLOB NOT NULL,
-    webhook_url TEXT NOT NULL DEFAULT '',
-    webhook_done INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    error BLOB,
-    result BLOB,
-    logs TEXT NOT NULL DEFAULT '[]'
-);
-CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
-"""
-# Versioned changes to a store written by an older server, applied in order at open (PRAGMA user_version).
-_SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    ("ALTER TABLE requests ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",),
-    ("ALTER TABLE requests ADD COLUMN origin TEXT NOT NULL DEFAULT 'grpc'",),  # which API's webhook payload it gets
-    (  # claims and leases (one schema for both backends), progress for Status, webhook delivery claims
-        "ALTER TABLE requests ADD COLUMN owner TEXT",
-        "ALTER TABLE requests ADD COLUMN lease_until REAL",
-        "ALTER TABLE requests ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE requests ADD COLUMN progress_step INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE requests ADD COLUMN progress_total INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE requests ADD COLUMN webhook_owner TEXT",
-        "ALTER TABLE requests ADD COLUMN webhook_lease REAL",
-    ),
-)
-
-
-class SqliteStore(SqlStore):
-    """One process's store: a folder with the database, the keys and (by default) the result images.
-    The connection is shared by the event loop's threads and the worker thread under one lock."""
-
-    backend = "sqlite"
-    SCHEMA_VERSION = len(_SQLITE_MIGRATIONS)
-
-    def __init__(self, folder: str | Path, results: str | Path | Results | None = None):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.results = open_results(results if results is not None else self.folder / "results")
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.folder / "requests.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: an acknowledged Submit must survive power loss too, not only a killed process
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SQLITE_SCHEMA)
-        self._migrate()
-
-    def _migrate(self) -> None:
-        version = self.schema_version()
-        if version > self.SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"store {self.folder} has schema version {version}, newer than this server's {self.SCHEMA_VERSION}; "
-                "run a newer server or point --store elsewhere"
-            )
-        for number in range(version, self.SCHEMA_VERSION):
-            with self._db:  # each migration and its version bump commit together
-                self._db.execute("BEGIN")
-                for statement in _SQLITE_MIGRATIONS[number]:
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {number + 1}")
-
-    def schema_version(self) -> int:
-        with self._lock:
-            return self._db.execute("PRAGMA user_version").fetchone()[0]
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                yield cur
-            except BaseException:
-                self._db.rollback()
-                raise
-            else:
-                self._db.commit()
-            finally:
-                cur.close()
-
-    def forget_claims(self) -> None:
-        """At startup: the folder has one process, so claims left in it belong to a process that is gone."""
-        self._update(f"UPDATE requests SET owner = NULL, lease_until = NULL, webhook_lease = NULL WHERE {_ACTIVE} "
-                     "OR webhook_done = 0")
-
-    def secret(self, name: str) -> bytes:
-        """A random 32-byte key kept in the store folder (mode 0600), made on first use: it outlives restarts."""
-        path = self.folder / f"{name}.key"
-        try:
-            return bytes.fromhex(path.read_text().strip())
-        except FileNotFoundError:
-            pass
-        key = secrets.token_bytes(32)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key.hex())
-        try:
-            os.link(tmp, path)  # first writer wins, so that every process of this store shares one key
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-        return bytes.fromhex(path.read_text().strip())
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-
-def is_database_url(store: str) -> bool:
-    return str(store).startswith(("postgresql://", "postgres://"))
-
-
-def open_results(results: str | Path | Results, **s3: Any) -> Results:
-    """`--results`: a folder, or s3://bucket/prefix (`s3`: S3Results' endpoint_url, region); an opened one as is."""
-    if not isinstance(results, (str, Path)):
-        return results
-    if str(results).startswith("s3://"):
-        from .s3results import S3Results  # boto3 is needed only by those who ask for object storage
-
-        return S3Results(str(results), **s3)
-    return FolderResults(results)
-
-
-def open_store(store: str | Path, results: str | Path | Results | None = None, *, s3: dict | None = None,
-               **options: Any) -> SqlStore:
-    """`--store`: a folder (SQLite) or a postgresql:// URL (results then need a shared `--results`: a folder every
-    replica mounts, or s3://). `s3`: options of an s3:// results location."""
-    opened = open_results(results, **(s3 or {})) if results else None
-    if is_database_url(str(store)):
-        if opened is None:
-            raise ValueError("--results: a PostgreSQL store needs results that every replica shares (a folder or "
-                             "s3://bucket/prefix)")
-        from .pgstore import PostgresStore  # psycopg is needed only by those who ask for PostgreSQL
-
-        return PostgresStore(str(store), opened, **options)
-    return SqliteStore(store, opened)
 
 
 def _row(r: tuple) -> Row:

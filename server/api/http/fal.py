@@ -1,5 +1,5 @@
 """fal's HTTP queue protocol on the HTTP port, so that fal's own clients (`fal-client`, `@fal-ai/client`) work here by
-configuration alone. Same engine, queue, durable store, keys and webhook policy as gRPC.
+configuration alone: an adapter over the request service, like gRPC (the same queue, store, keys and webhooks).
 
 Routes (`{app}` is `owner/name`, `fal-ai/pixart-sigma` by default, more with `--app-id`):
 
@@ -24,30 +24,29 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from google.rpc import status_pb2
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from engine.request import GenerationRequest, GenerationResult
+from engine.request import GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
-
-from . import convert
-from . import store as st
-from .auth import key_matches, presented_key
-from .batcher import Draining, QueueFull, WorkItem
-
-if TYPE_CHECKING:
-    from .app import App, Lookup
+from server.api.keys import ApiKeys
+from server.api.limits import MAX_REQUEST_BYTES
+from server.core import records
+from server.core.service import Lookup, Requests
+from server.core.work import QueueFull, Unavailable
+from server.storage import CANCELED, COMPLETED, IN_PROGRESS, IN_QUEUE, Row, is_request_id
 
 DEFAULT_APP_ID = "fal-ai/pixart-sigma"
 QUEUE_HOST, RUN_HOST = "queue.fal.run", "fal.run"
 KEEPALIVE_S = 15.0
-MAX_BODY_BYTES = 1 << 20
+PROXY_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 LEVELS = {"INFO": "INFO", "WARNING": "WARN", "ERROR": "ERROR", "DEBUG": "DEBUG"}
 # fal input field -> the JSON types it may have
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -61,11 +60,12 @@ def _detail(violations: list[tuple[str, str]]) -> list[dict]:
     return [{"loc": ["body", *field.split(".")], "msg": rule, "type": "value_error"} for field, rule in violations]
 
 
-def request_from_json(body: Any) -> tuple[GenerationRequest | None, list[tuple[str, str]]]:
-    """fal's input schema -> a request, or every bad field (wrong types and broken rules alike). `sync_mode`
-    defaults to false, as on fal."""
+def request_from_json(body: Any) -> tuple[GenerationRequest, list[tuple[str, str]]]:
+    """fal's input schema -> a request, and the fields whose JSON type is wrong (left at their defaults in the
+    request, so that the service's rules name only the fields that were given). `sync_mode` defaults to false, as
+    on fal."""
     if not isinstance(body, dict):
-        return None, [("body", "must be a JSON object")]
+        return GenerationRequest(prompt="-"), [("body", "must be a JSON object")]
     violations, kw = [], {"sync_mode": False}
     for name, types in FIELD_TYPES.items():
         value = body.get(name)
@@ -78,9 +78,7 @@ def request_from_json(body: Any) -> tuple[GenerationRequest | None, list[tuple[s
         kw[name] = (value.get("width"), value.get("height")) if isinstance(value, dict) else value
     if "prompt" not in kw and not violations:
         violations.append(("prompt", "is required"))
-    request = GenerationRequest(**{"prompt": "-", **kw})  # a placeholder prompt when it is missing or mistyped
-    violations += [(f, rule) for f, rule in request.violations() if f in kw or f.split(".")[0] in kw]
-    return (None if violations else request), violations
+    return GenerationRequest(**{"prompt": "-", **kw}), violations  # a placeholder prompt when missing or mistyped
 
 
 JSON_NAMES = {str: "string", dict: "{width, height} object", int: "integer", bool: "boolean"}
@@ -105,14 +103,14 @@ def _logs(lines: list[dict]) -> list[dict]:
 
 
 class FalApi:
-    def __init__(self, app: App, app_ids: list[str]):
-        self.app = app
+    def __init__(self, service: Requests, *, keys: ApiKeys, app_ids: list[str] = (), public_url: str | None = None):
+        self.service, self.keys, self.public_url = service, keys, public_url
         self.app_ids = {DEFAULT_APP_ID, *app_ids}
 
     # -- shared -----------------------------------------------------------------------------------------------
     def _base(self, request: Request) -> str:
-        if self.app.config.public_url:
-            return self.app.config.public_url.rstrip("/")
+        if self.public_url:
+            return self.public_url.rstrip("/")
         return f"{request.url.scheme}://{request.url.netloc}"
 
     def _urls(self, request: Request, app_id: str, request_id: str) -> dict[str, str]:
@@ -120,14 +118,13 @@ class FalApi:
         return {"response_url": url, "status_url": f"{url}/status", "cancel_url": f"{url}/cancel"}
 
     def _refusal(self, request: Request) -> Response | None:
-        """401 without a valid key (when keys are configured), 404 for an app this server does not serve."""
-        keys = self.app.config.api_keys
-        if keys and not key_matches(presented_key(request.headers.get("authorization", "")), keys):
+        """401 without a valid key (when keys are configured), 404 for an app this server does not serve, 503 while
+        the server cannot take work."""
+        if not self.keys.allows(request.headers.get("authorization", "")):
             return JSONResponse({"detail": "a valid API key is required (Authorization: Key <key>)"}, 401)
-        app_id = _app_id(request)
-        if app_id not in self.app_ids:
+        if _app_id(request) not in self.app_ids:
             return JSONResponse({"detail": "no such app on this server"}, 404)
-        if self.app.engine is None or self.app.draining:
+        if not self.service.ready:
             return JSONResponse({"detail": "the server is starting or shutting down; retry shortly"}, 503)
         return None
 
@@ -136,36 +133,40 @@ class FalApi:
         headers = {"x-fal-request-id": request_id} if request_id else None
         return JSONResponse(body, status, headers=headers)
 
-    async def _input(self, request: Request) -> tuple[GenerationRequest | None, Response | None]:
+    @staticmethod
+    def _invalid(violations: list[tuple[str, str]]) -> JSONResponse:
+        return JSONResponse({"detail": _detail(violations)}, 422)
+
+    async def _input(self, request: Request, webhook_url: str = "") -> tuple[GenerationRequest | None,
+                                                                               Response | None]:
+        """The request a body asks for, or the answer that refuses it: 413 past the size limit, 422 naming every
+        bad field (wrong JSON types, and the service's rules for the fields that were given)."""
         too_large = JSONResponse({"detail": "the request body is larger than 1 MB"}, 413)
         declared = request.headers.get("content-length", "0")
-        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+        if not declared.isdigit() or int(declared) > MAX_REQUEST_BYTES:
             return None, too_large
         chunks, size = [], 0
         async for chunk in request.stream():  # bounded whatever Content-Length claimed
             size += len(chunk)
-            if size > MAX_BODY_BYTES:
+            if size > MAX_REQUEST_BYTES:
                 return None, too_large
             chunks.append(chunk)
-        raw = b"".join(chunks)
         try:
-            body = json.loads(raw or b"{}")
+            body = json.loads(b"".join(chunks) or b"{}")
         except (ValueError, UnicodeDecodeError):
-            return None, JSONResponse({"detail": _detail([("body", "is not valid JSON")])}, 422)
-        generation, violations = request_from_json(body)
-        if generation is not None:
-            violations += [v for v in self.app.engine.violations(generation) if v not in violations]
-        if violations:
-            return None, JSONResponse({"detail": _detail(violations)}, 422)
+            return None, self._invalid([("body", "is not valid JSON")])
+        generation, mistyped = request_from_json(body)
+        if mistyped:
+            return None, self._invalid(mistyped + [v for v in self.service.violations(generation, webhook_url)
+                                                   if v not in mistyped])
         return generation, None
 
-    def result_json(self, result: pb.GenerateResult, sync: bool, files: dict[str, bytes] | None = None) -> dict:
+    def result_json(self, result: pb.GenerateResult, sync: bool) -> dict:
         images = []
         for img in result.images:
             url = img.url
             if sync:
-                data = (files or {}).get(img.file_name, img.file_data)
-                url = f"data:{img.content_type};base64,{base64.b64encode(data).decode()}"
+                url = f"data:{img.content_type};base64,{base64.b64encode(img.file_data).decode()}"
             images.append({"url": url, "width": img.width, "height": img.height, "content_type": img.content_type,
                            "file_name": img.file_name, "file_size": img.file_size})
         t = result.timings
@@ -173,40 +174,39 @@ class FalApi:
         return {"images": images, "timings": timings, "seed": result.seed,
                 "has_nsfw_concepts": list(result.has_nsfw_concepts), "prompt": result.prompt}
 
-    def stored_result_json(self, row: st.Row) -> dict:
-        """A COMPLETED row as fal's output: data: URIs for sync_mode, signed URLs otherwise."""
-        result = self.app.stored_result(row)
-        sync = any(img.file_data for img in result.images)
-        return self.result_json(result, sync)
+    def stored_result_json(self, row: Row) -> dict:
+        """A COMPLETED row as fal's output: data: URIs for sync_mode, signed URLs otherwise (blocking)."""
+        result = self.service.stored(row)
+        return self.result_json(result, any(img.file_data for img in result.images))
 
     def status_json(self, request: Request, app_id: str, found: Lookup, with_logs: bool) -> tuple[dict, int]:
         state = found.state
         body: dict[str, Any] = {"request_id": found.request_id, **self._urls(request, app_id, found.request_id)}
-        if state == st.IN_QUEUE:
+        if state == IN_QUEUE:
             body.update(status="IN_QUEUE", queue_position=found.queue_position)
             return body, 202
         body["logs"] = _logs(found.logs) if with_logs else None
-        if state == st.IN_PROGRESS:
+        if state == IN_PROGRESS:
             body["status"] = "IN_PROGRESS"
             return body, 202
         body["status"] = "COMPLETED"
-        if state == st.COMPLETED and found.row is not None and found.row.result:
+        if state == COMPLETED and found.row is not None and found.row.result:
             timings = pb.GenerateResult.FromString(found.row.result).timings
             body["metrics"] = {"inference_time": timings.total - timings.queue}
         elif found.error is not None:
-            body.update(error=found.error.message[:1000], error_type=convert.grpc_code(found.error).name)
-        elif state == st.CANCELED:
+            body.update(error=found.error.message[:1000], error_type=records.grpc_code(found.error).name)
+        elif state == CANCELED:
             body.update(error="the request was cancelled", error_type="CANCELLED")
         return body, 200
 
     def error_answer(self, found: Lookup) -> tuple[dict, int]:
         """What a result request answers for a request that did not complete."""
-        if found.state in (st.IN_QUEUE, st.IN_PROGRESS):
+        if found.state in (IN_QUEUE, IN_PROGRESS):
             return {"detail": "Request is still in progress"}, 400
-        if found.state == st.CANCELED:
+        if found.state == CANCELED:
             return {"detail": "Request was cancelled"}, 400
-        if found.error is not None and convert.violations_from_status(found.error):
-            return {"detail": _detail(convert.violations_from_status(found.error))}, 422
+        if found.error is not None and records.violations_from_status(found.error):
+            return {"detail": _detail(records.violations_from_status(found.error))}, 422
         message = found.error.message[:1000] if found.error is not None else "the request failed"
         return {"detail": message}, 500
 
@@ -216,17 +216,16 @@ class FalApi:
             return refused
         app_id = _app_id(request)
         webhook = request.query_params.get("fal_webhook", "")
-        violations = self.app.webhook_policy.violations(webhook)
-        generation, invalid = await self._input(request)
-        if violations and invalid is None:
-            return JSONResponse({"detail": _detail(violations)}, 422)
+        generation, invalid = await self._input(request, webhook)
         if invalid is not None:
             return invalid
         try:
-            rid, position = await self.app.submit(generation, webhook, origin="fal")
+            rid, position = await self.service.submit(generation, webhook_url=webhook, origin="fal")
+        except InvalidRequest as exc:
+            return self._invalid(exc.violations)
         except QueueFull:
             return JSONResponse({"detail": "the queue is full; retry later"}, 503)
-        except Draining:
+        except Unavailable:
             return JSONResponse({"detail": "the server is shutting down"}, 503)
         body = {"status": "IN_QUEUE", "request_id": rid, **self._urls(request, app_id, rid),
                 "queue_position": position}
@@ -238,7 +237,7 @@ class FalApi:
         if (refused := self._refusal(request)) is not None:
             return "", None, refused
         rid = request.path_params["request_id"]
-        found = await self.app.lookup(rid) if st.is_request_id(rid) else None
+        found = await self.service.lookup(rid) if is_request_id(rid) else None
         if found is None:
             return rid, None, JSONResponse({"detail": "Request not found"}, 404)
         return rid, found, None
@@ -247,9 +246,7 @@ class FalApi:
         rid, found, answer = await self._found(request)
         if answer is not None:
             return answer
-        app_id = _app_id(request)
-        with_logs = _with_logs(request)
-        body, code = self.status_json(request, app_id, found, with_logs)
+        body, code = self.status_json(request, _app_id(request), found, _with_logs(request))
         return self._answer(body, code, rid)
 
     async def status_stream(self, request: Request) -> Response:
@@ -262,7 +259,7 @@ class FalApi:
         async def events():
             sent_logs, last, last_sent = 0, None, time.monotonic()
             while True:
-                found = await self.app.lookup(rid)
+                found = await self.service.lookup(rid)
                 if found is None:
                     return
                 body, _ = self.status_json(request, app_id, found, with_logs)
@@ -286,7 +283,7 @@ class FalApi:
         rid, found, answer = await self._found(request)
         if answer is not None:
             return answer
-        if found.state != st.COMPLETED or found.row is None:
+        if found.state != COMPLETED or found.row is None:
             body, code = self.error_answer(found)
             return self._answer(body, code, rid)
         return self._answer(await asyncio.to_thread(self.stored_result_json, found.row), 200, rid)
@@ -295,7 +292,7 @@ class FalApi:
         rid, found, answer = await self._found(request)
         if answer is not None:
             return self._answer({"status": "NOT_FOUND"}, 404) if answer.status_code == 404 else answer
-        outcome = await self.app.cancel(rid)
+        outcome = await self.service.cancel(rid)
         if outcome in ("queued", "running"):
             return self._answer({"status": "CANCELLATION_REQUESTED"}, 202, rid)
         if outcome == "ended":
@@ -308,58 +305,49 @@ class FalApi:
         generation, invalid = await self._input(request)
         if invalid is not None:
             return invalid
-        item = WorkItem(generation)
-        loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-        item.listeners.append(lambda _i, event: event[0] == "done" and loop.call_soon_threadsafe(done.set))
         try:
-            self.app.batcher.submit(item)
-        except (QueueFull, Draining):
+            call = await self.service.start(generation, method="run")
+        except InvalidRequest as exc:
+            return self._invalid(exc.violations)
+        except (QueueFull, Unavailable):
             return JSONResponse({"detail": "the queue is full or the server is shutting down; retry later"}, 503)
         try:
-            await done.wait()
+            outcome = await call.outcome()
         except asyncio.CancelledError:  # the caller went away: free the place or the step
-            self.app.batcher.cancel(item.id)
+            call.cancel()
             raise
-        if not isinstance(item.outcome, GenerationResult):
-            status = convert.outcome_status(item.outcome)
-            violations = convert.violations_from_status(status)
+        if not isinstance(outcome, GenerationResult):
+            status = records.outcome_status(outcome)
+            violations = records.violations_from_status(status)
             if violations:
-                return self._answer({"detail": _detail(violations)}, 422, item.id)
-            return self._answer({"detail": status.message[:1000]}, 500, item.id)
-        sync = generation.sync_mode
-        urls = None if sync else [self.app.result_url(item.id, img.file_name) for img in item.outcome.images]
-        result = convert.result_to_proto(item.outcome, item.id, queue_s=item.queue_s, urls=urls, include_data=sync)
-        return self._answer(self.result_json(result, sync), 200, item.id)
+                return self._answer({"detail": _detail(violations)}, 422, call.id)
+            return self._answer({"detail": status.message[:1000]}, 500, call.id)
+        return self._answer(self.result_json(self.service.result(call.item), generation.sync_mode), 200, call.id)
 
-    def webhook_payload(self, row: st.Row) -> dict:
-        """fal's webhook body: {request_id, gateway_request_id, status: OK|ERROR, payload, error}."""
+    def webhook_payload(self, row: Row) -> dict:
+        """fal's webhook body: {request_id, gateway_request_id, status: OK|ERROR, payload, error} (blocking)."""
         body: dict[str, Any] = {"request_id": row.id, "gateway_request_id": row.id}
-        if row.state == st.COMPLETED and row.result:
+        if row.state == COMPLETED and row.result:
             return {**body, "status": "OK", "payload": self.stored_result_json(row), "error": None}
-        from .app import Lookup
-
         error = status_pb2.Status.FromString(row.error) if row.error else None
         payload, code = self.error_answer(Lookup(row.id, row.state, error=error))
         return {**body, "status": "ERROR", "payload": payload, "error": f"Invalid status code: {code}"}
 
-    # -- the proxy ----------------------------------------------------------------------------------------------
-    def proxy(self, router: Callable[[Scope, Receive, Send], Awaitable[None]]) -> _Proxy:
-        """An ASGI app answering fal's proxy mode locally: the path comes from x-fal-target-url."""
-        return _Proxy(router)
-
-    def routes(self) -> list[Route]:
-        app = "/{owner}/{name}"
-        requests = f"/queue{app}/requests/{{request_id}}"
-        return [
+    # -- the routes on the HTTP port ----------------------------------------------------------------------------
+    def mount(self, app: Starlette) -> None:
+        """Add fal's routes to the HTTP port's app, and its proxy mode, which routes through the app's router."""
+        owner_app = "/{owner}/{name}"
+        requests = f"/queue{owner_app}/requests/{{request_id}}"
+        app.router.routes += [
             Route(f"{requests}/status/stream", self.status_stream, methods=["GET"]),
             Route(f"{requests}/status", self.status, methods=["GET"]),
             Route(f"{requests}/cancel", self.cancel, methods=["PUT"]),
             Route(requests, self.result, methods=["GET"]),
-            Route(f"/queue{app}", self.submit, methods=["POST"]),
-            Route(f"/queue{app}/{{subpath:path}}", self.submit, methods=["POST"]),
-            Route(f"/run{app}", self.run, methods=["POST"]),
-            Route(f"/run{app}/{{subpath:path}}", self.run, methods=["POST"]),
+            Route(f"/queue{owner_app}", self.submit, methods=["POST"]),
+            Route(f"/queue{owner_app}/{{subpath:path}}", self.submit, methods=["POST"]),
+            Route(f"/run{owner_app}", self.run, methods=["POST"]),
+            Route(f"/run{owner_app}/{{subpath:path}}", self.run, methods=["POST"]),
+            Route("/fal/proxy", _Proxy(app.router), methods=PROXY_METHODS),
         ]
 
 

@@ -1,54 +1,26 @@
-"""API-key authentication as a server interceptor: `authorization: Key <key>` in the call metadata.
+"""API-key authentication of gRPC calls, as a server interceptor: `authorization: Key <key>` in the call metadata.
 
-Keys are compared with hmac.compare_digest against every configured key (no early exit), so timing says
-nothing about how much of a key was right. Keys are never logged. The health service needs no key, so that
-load balancers and orchestrators can probe without one.
+The health service needs no key, so that load balancers and orchestrators can probe without one. A rejected call
+is answered UNAUTHENTICATED by a handler of the same kind as the method's, and logged at most once per interval.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import grpc
 
-from .logs import RateLimitedLog
+from server.api.keys import ApiKeys
+from server.observability.logs import RateLimitedLog
 
 log = logging.getLogger("pixart.server.auth")
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
-def load_keys(keys: Iterable[str] = (), keys_file: str | None = None, env: str = "") -> list[str]:
-    """Keys from flags, a file (one a line, # comments) and an env value (comma-separated), de-duplicated."""
-    out: list[str] = [k.strip() for k in keys if k.strip()]
-    if keys_file:
-        for line in Path(keys_file).read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                out.append(line)
-    out += [k.strip() for k in env.split(",") if k.strip()]
-    return list(dict.fromkeys(out))
-
-
-def presented_key(authorization: str) -> str:
-    """The key in an `authorization: Key <key>` value (gRPC metadata or an HTTP header), or ""."""
-    if isinstance(authorization, str) and authorization.startswith("Key "):
-        return authorization[4:].strip()
-    return ""
-
-
-def key_matches(presented: str, keys: list[str]) -> bool:
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(presented.encode(), key.encode())
-    return ok
-
-
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: list[str], on_reject: Callable[[str], None] | None = None):
-        self._keys = list(keys)
+    def __init__(self, keys: ApiKeys, on_reject: Callable[[str], None] | None = None):
+        self._keys = keys
         self._on_reject = on_reject
         self._log = RateLimitedLog(log, "rejected calls without a valid API key")
 
@@ -58,13 +30,13 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = details.method
-        if not self._keys or method.startswith(EXEMPT_PREFIXES):
+        if not self._keys.required or method.startswith(EXEMPT_PREFIXES):
             return await continuation(details)
-        presented = ""
+        authorization = ""
         for name, value in details.invocation_metadata or ():
             if name == "authorization":
-                presented = presented_key(value)
-        if presented and key_matches(presented, self._keys):
+                authorization = value
+        if self._keys.allows(authorization):
             return await continuation(details)
         self._log(method=method[:100])
         if self._on_reject:

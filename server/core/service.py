@@ -1,0 +1,256 @@
+"""The request service: what every transport does with a request, written once.
+
+gRPC, fal's HTTP queue and any later transport are adapters over this: they translate their wire format into a
+`GenerationRequest` and call
+
+    submit(request, webhook_url)   -> (id, queue position)     durable: committed to the store before it answers
+    start(request, deadline)       -> Call                      run here while the caller waits: updates, outcome
+    lookup(id)                     -> Lookup | None             where a request is, here or in the store
+    cancel(id)                     -> "queued" | "running" | "ended" | "unknown"
+    result(item) / stored(row)     -> pb.GenerateResult         with inline bytes or expiring URLs
+
+Validation happens here (`violations`: the engine's field rules and the webhook policy), once per request, before
+anything is accepted; refusals are exceptions the adapters map to their own codes: `InvalidRequest` (every bad
+field), `Unavailable` (loading, or shutting down: `Draining`) and `QueueFull`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from google.rpc import status_pb2
+
+from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
+from protos.pixart.v1 import pixart_pb2 as pb
+from server.observability.metrics import Metrics
+from server.storage import Row, Store, new_request_id
+from server.storage.states import CANCELED, IN_PROGRESS, IN_QUEUE, TERMINAL
+from server.webhooks import WebhookPolicy
+
+from . import records
+from .deliveries import WebhookDeliveries
+from .engine_loop import EngineLoop
+from .links import ResultLinks
+from .outputs import Outputs
+from .work import Done, Draining, QueueFull, Unavailable, Update, WorkItem, log_line
+
+log = logging.getLogger("pixart.server")
+LOADING = "the engine is still loading; retry shortly"
+
+
+@dataclass
+class Lookup:
+    """A request's state for Status/Result calls, whichever transport asks."""
+
+    request_id: str
+    state: str
+    queue_position: int = 0
+    progress: tuple[int, int] = (0, 0)
+    logs: list[dict] = field(default_factory=list)
+    error: status_pb2.Status | None = None
+    row: Row | None = None  # the stored row, once it has ended (its result and files)
+
+
+class Requests(Protocol):
+    """What a transport needs of the service (RequestService is one): the narrow interface adapters depend on."""
+
+    max_queue: int
+
+    @property
+    def ready(self) -> bool: ...
+
+    def unavailable(self) -> Unavailable | None: ...
+
+    def violations(self, request: GenerationRequest, webhook_url: str = "") -> list[tuple[str, str]]: ...
+
+    async def submit(self, request: GenerationRequest, *, webhook_url: str = "", origin: str = "grpc",
+                     request_bytes: bytes | None = None) -> tuple[str, int]: ...
+
+    async def start(self, request: GenerationRequest, *, deadline: float | None = None,
+                    method: str = "Generate") -> Call: ...
+
+    async def lookup(self, request_id: str) -> Lookup | None: ...
+
+    async def cancel(self, request_id: str) -> str: ...
+
+    def result(self, item: WorkItem) -> pb.GenerateResult: ...
+
+    def stored(self, row: Row) -> pb.GenerateResult: ...
+
+
+class Claimer(Protocol):
+    """The replica's side of the durable queue, as the service needs it."""
+
+    async def claim(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+
+class Call:
+    """A request this replica runs while its caller waits: its updates, ending with Done."""
+
+    def __init__(self, service: RequestService, item: WorkItem, updates: asyncio.Queue[Update], position: int):
+        self.service, self.item, self._updates, self.position = service, item, updates, position
+
+    @property
+    def id(self) -> str:
+        return self.item.id
+
+    async def updates(self) -> AsyncIterator[Update]:
+        """Queue positions, steps and log lines as they happen, then Done."""
+        while True:
+            update = await self._updates.get()
+            yield update
+            if isinstance(update, Done):
+                return
+
+    async def outcome(self) -> GenerationResult | BaseException:
+        async for update in self.updates():
+            if isinstance(update, Done):
+                return update.outcome
+        raise AssertionError("unreachable: updates end with Done")
+
+    def cancel(self) -> None:
+        """The caller went away: free its place in the queue, or stop it at the next step."""
+        self.service.abandon(self.item)
+
+
+class RequestService:
+    def __init__(self, store: Store, outputs: Outputs, links: ResultLinks, webhooks: WebhookDeliveries,
+                 policy: WebhookPolicy, metrics: Metrics, *, max_queue: int):
+        self.store, self.outputs, self.links, self.webhooks = store, outputs, links, webhooks
+        self.policy, self.metrics, self.max_queue = policy, metrics, max_queue
+        self.loop: EngineLoop | None = None  # attached once the engine is loaded
+        self.replica: Claimer | None = None
+        self.draining = False
+
+    def attach(self, loop: EngineLoop, replica: Claimer) -> None:
+        self.loop, self.replica = loop, replica
+
+    # -- readiness and validation ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.loop is not None and not self.draining
+
+    def unavailable(self) -> Unavailable | None:
+        """Why no new work is taken now, or None."""
+        if self.draining:
+            return Draining()
+        if self.loop is None:
+            return Unavailable(LOADING)
+        return None
+
+    def violations(self, request: GenerationRequest, webhook_url: str = "") -> list[tuple[str, str]]:
+        """Every bad field: the webhook policy's and the engine's rules (the request's own included)."""
+        return self.policy.violations(webhook_url) + self.loop.engine.violations(request)
+
+    def check(self, request: GenerationRequest, webhook_url: str = "") -> None:
+        """Raise what refuses this request now: Unavailable, or InvalidRequest naming every bad field."""
+        if (refusal := self.unavailable()) is not None:
+            raise refusal
+        violations = self.violations(request, webhook_url)
+        if violations:
+            log.info("refused", extra={"violations": [f"{f}: {rule}" for f, rule in violations]})
+            raise InvalidRequest(violations)
+
+    # -- the durable queue -----------------------------------------------------------------------------------
+    async def submit(self, request: GenerationRequest, *, webhook_url: str = "", origin: str = "grpc",
+                     request_bytes: bytes | None = None) -> tuple[str, int]:
+        """Store a request in the shared queue; (id, queue position). The row is committed before the id is
+        returned; this replica then claims work at once if it has room (whichever replica has room runs it)."""
+        self.check(request, webhook_url)
+        data = request_bytes or records.request_to_proto(request).SerializeToString()
+        request_id = new_request_id()
+
+        def add() -> None:
+            if self.store.queued() >= self.max_queue:
+                raise QueueFull()
+            self.store.add(request_id, data, webhook_url, origin)
+
+        await asyncio.to_thread(add)
+        log.info("accepted", extra={"request_id": request_id, "origin": origin})
+        await self.replica.claim()
+        item = self.outputs.live.get(request_id)
+        position = self.loop.position(item) if item is not None else None
+        if position is None:
+            position = 0 if item is not None else await asyncio.to_thread(self.store.position, request_id)
+        return request_id, position
+
+    # -- calls that wait -------------------------------------------------------------------------------------
+    async def start(self, request: GenerationRequest, *, deadline: float | None = None,
+                    method: str = "Generate") -> Call:
+        """Queue a request to run here while its caller waits (not stored unless its images need URLs)."""
+        self.check(request)
+        item = WorkItem(request, deadline=deadline)
+        self.outputs.track(item)
+        updates = self.outputs.watch(item)
+        try:
+            position = self.loop.submit(item)
+        except (QueueFull, Draining):
+            self.outputs.untrack(item)
+            raise
+        log.info("accepted", extra={"request_id": item.id, "method": method})
+        return Call(self, item, updates, position)
+
+    def abandon(self, item: WorkItem) -> None:
+        if self.loop is not None and self.loop.cancel(item) == "queued":
+            self.outputs.spawn(self.outputs.complete(item, Cancelled()))
+
+    # -- any request, wherever it runs -----------------------------------------------------------------------
+    async def lookup(self, request_id: str) -> Lookup | None:
+        """Where a request is: live here, or in the store (wherever it runs); None when unknown or expired."""
+        item = self.outputs.live.get(request_id)
+        if item is not None and item.state in (IN_QUEUE, IN_PROGRESS):
+            position = self.loop.position(item) if item.state == IN_QUEUE and self.loop is not None else None
+            return Lookup(item.id, str(item.state), position or 0, item.progress, list(item.logs))
+        row = await asyncio.to_thread(self.store.get, request_id)
+        if row is None:
+            return None
+        if row.state == IN_QUEUE:
+            position = await asyncio.to_thread(self.store.position, request_id)
+            return Lookup(row.id, row.state, position, (0, 0), row.logs)
+        if row.state == IN_PROGRESS:
+            return Lookup(row.id, row.state, 0, row.progress, row.logs)
+        error = status_pb2.Status.FromString(row.error) if row.error else None
+        return Lookup(row.id, row.state, 0, (0, 0), row.logs, error, row)
+
+    async def cancel(self, request_id: str) -> str:
+        """"queued" (it will not run), "running" (it stops at its next step, here or on the replica that runs
+        it, and stays cancelled across a crash), "ended" (already in a final state) or "unknown"."""
+        item = self.outputs.live.get(request_id)
+        if item is not None:
+            if item.durable:  # committed before the answer: a crash after "cancellation requested" must not rerun it
+                await asyncio.to_thread(self.store.request_cancel, request_id)
+            outcome = self.loop.cancel(item) if self.loop is not None else None
+            if outcome == "queued":
+                await self.outputs.complete(item, Cancelled())
+            if outcome is not None:
+                return outcome
+        row = await asyncio.to_thread(self.store.get, request_id)
+        if row is None:
+            return "unknown"
+        if row.state in TERMINAL:
+            return "ended"
+        # not here: the flag first, so that whichever replica holds or next claims it sees it
+        if not await asyncio.to_thread(self.store.request_cancel, request_id):
+            return "ended"
+        if await asyncio.to_thread(self.store.cancel_queued, request_id, [*row.logs, log_line("canceled")]):
+            self.metrics.outcomes.labels(CANCELED).inc()
+            if row.webhook_url:
+                self.webhooks.schedule(request_id)
+            return "queued"
+        if self.replica is not None:
+            self.replica.wake()
+        return "running"
+
+    # -- results ---------------------------------------------------------------------------------------------
+    def result(self, item: WorkItem) -> pb.GenerateResult:
+        return self.links.result(item)
+
+    def stored(self, row: Row) -> pb.GenerateResult:
+        """A COMPLETED row's result (blocking: it may read image bytes from the store; call it off the loop)."""
+        return self.links.stored(row)

@@ -1,0 +1,176 @@
+"""The HTTP port's routes and fal's adapter, over a fake request service: what each answer looks like, whatever the
+core does behind it. (fal's own clients against a real server: tests/acceptance/test_fal.py.)"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from engine.request import GenerationRequest, InvalidRequest
+from server.api.http.fal import FalApi, request_from_json
+from server.api.http.server import build_app
+from server.api.keys import ApiKeys
+from server.core import records
+from server.core.links import ResultSigner
+from server.core.service import Lookup
+from server.core.work import QueueFull
+from server.storage import COMPLETED, FAILED, IN_QUEUE
+
+KEY, APP = "k3y", "fal-ai/pixart-sigma"
+RID = "ab" * 16
+
+
+class FakeRequests:
+    """The request service as fal's adapter sees it: canned answers, and a record of what was submitted."""
+
+    max_queue = 4
+
+    def __init__(self):
+        self.ready, self.full = True, False
+        self.submitted: list[tuple[GenerationRequest, str, str]] = []
+        self.found: dict[str, Lookup] = {}
+        self.cancels: dict[str, str] = {}
+
+    def violations(self, request, webhook_url=""):
+        hook = [("webhook_url", "must not point at a private address")] if webhook_url.startswith("http://10.") else []
+        return hook + request.violations()
+
+    async def submit(self, request, *, webhook_url="", origin="grpc", request_bytes=None):
+        if violations := self.violations(request, webhook_url):
+            raise InvalidRequest(violations)
+        if self.full:
+            raise QueueFull()
+        self.submitted.append((request, webhook_url, origin))
+        return RID, 3
+
+    async def lookup(self, request_id):
+        return self.found.get(request_id)
+
+    async def cancel(self, request_id):
+        return self.cancels.get(request_id, "unknown")
+
+
+@pytest.fixture
+def service() -> FakeRequests:
+    return FakeRequests()
+
+
+@pytest.fixture
+def http(service) -> TestClient:
+    app = build_app(keys=ApiKeys([KEY]), healthy=lambda: service.ready)
+    FalApi(service, keys=ApiKeys([KEY]), public_url="https://pixart.example").mount(app)
+    with TestClient(app, headers={"Authorization": f"Key {KEY}"}) as client:
+        yield client
+
+
+def test_fal_input_is_parsed_with_fals_defaults_and_every_mistyped_field_named() -> None:
+    request, mistyped = request_from_json({"prompt": "a fox", "image_size": {"width": 640, "height": 480},
+                                           "guidance_scale": 3})
+    assert mistyped == [] and request.sync_mode is False and request.image_size == (640, 480)
+    _, mistyped = request_from_json({"prompt": 1, "seed": "7", "sync_mode": 1, "num_images": True})
+    assert [f for f, _ in mistyped] == ["prompt", "seed", "num_images", "sync_mode"]
+    assert request_from_json([])[1] == [("body", "must be a JSON object")]
+    assert request_from_json({})[1] == [("prompt", "is required")]
+
+
+def test_submit_answers_fals_shape_with_the_public_urls(http, service) -> None:
+    r = http.post(f"/queue/{APP}/sub/path", json={"prompt": "a fox", "seed": 7}, params={"fal_webhook":
+                                                                                        "https://hooks.example/x"})
+    body = r.json()
+    assert r.status_code == 200 and r.headers["x-fal-request-id"] == RID
+    base = f"https://pixart.example/queue/{APP}/requests/{RID}"
+    assert body == {"status": "IN_QUEUE", "request_id": RID, "response_url": base, "status_url": f"{base}/status",
+                    "cancel_url": f"{base}/cancel", "queue_position": 3, "gateway_request_id": RID}
+    (request, webhook, origin), = service.submitted
+    assert (request.prompt, request.seed, webhook, origin) == ("a fox", 7, "https://hooks.example/x", "fal")
+
+
+def test_submit_refusals(http, service) -> None:
+    assert http.post(f"/queue/{APP}", json={"prompt": "x"}, headers={"Authorization": "Key nope"}).status_code == 401
+    assert http.post("/queue/someone/else", json={"prompt": "x"}).status_code == 404
+    r = http.post(f"/queue/{APP}", json={"prompt": "", "num_images": 9, "guidance_scale": "high"})
+    assert r.status_code == 422
+    assert [d["loc"] for d in r.json()["detail"]] == [["body", "guidance_scale"], ["body", "prompt"],
+                                                      ["body", "num_images"]]
+    r = http.post(f"/queue/{APP}", json={"prompt": "x"}, params={"fal_webhook": "http://10.0.0.1/"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "webhook_url"]
+    r = http.post(f"/queue/{APP}", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "body"]
+    r = http.post(f"/queue/{APP}", content=b"x" * ((1 << 20) + 1))
+    assert r.status_code == 413
+    service.full = True
+    assert http.post(f"/queue/{APP}", json={"prompt": "x"}).status_code == 503
+    service.ready = False
+    assert http.post(f"/queue/{APP}", json={"prompt": "x"}).status_code == 503
+    assert not service.submitted
+
+
+def test_status_answers_202_while_queued_and_200_with_the_error_when_failed(http, service) -> None:
+    service.found[RID] = Lookup(RID, IN_QUEUE, queue_position=2)
+    r = http.get(f"/queue/{APP}/requests/{RID}/status")
+    assert r.status_code == 202 and (r.json()["status"], r.json()["queue_position"]) == ("IN_QUEUE", 2)
+    error = records.bad_request_status([("prompt", "must be a non-empty string")])
+    service.found[RID] = Lookup(RID, FAILED, logs=[{"message": "failed", "level": "ERROR", "timestamp": 0.0}],
+                                error=error)
+    body = http.get(f"/queue/{APP}/requests/{RID}/status", params={"logs": "1"}).json()
+    assert (body["status"], body["error_type"]) == ("COMPLETED", "INVALID_ARGUMENT")
+    assert body["logs"][0]["level"] == "ERROR" and body["logs"][0]["timestamp"].endswith("Z")
+    result = http.get(f"/queue/{APP}/requests/{RID}")
+    assert result.status_code == 422 and result.json()["detail"][0]["loc"] == ["body", "prompt"]
+    for unknown in ("0" * 32, "not-an-id"):
+        assert http.get(f"/queue/{APP}/requests/{unknown}/status").status_code == 404
+
+
+def test_cancel_maps_outcomes_to_fals_codes(http, service) -> None:
+    for outcome, code, status in (("queued", 202, "CANCELLATION_REQUESTED"), ("running", 202,
+                                  "CANCELLATION_REQUESTED"), ("ended", 400, "ALREADY_COMPLETED")):
+        service.found[RID], service.cancels[RID] = Lookup(RID, COMPLETED), outcome
+        r = http.put(f"/queue/{APP}/requests/{RID}/cancel")
+        assert (r.status_code, r.json()) == (code, {"status": status})
+    assert http.put(f"/queue/{APP}/requests/{'0' * 32}/cancel").status_code == 404
+
+
+def test_the_proxy_routes_fal_hosts_only(http, service) -> None:
+    service.found[RID] = Lookup(RID, IN_QUEUE, queue_position=0)
+    target = f"https://queue.fal.run/{APP}/requests/{RID}/status"
+    r = http.get("/fal/proxy", headers={"x-fal-target-url": target})
+    assert r.status_code == 202 and r.json()["request_id"] == RID
+    for bad in ("https://evil.example/x", "http://queue.fal.run/x", "", "https://" + "a" * 9000):
+        assert http.get("/fal/proxy", headers={"x-fal-target-url": bad}).status_code == 400
+
+
+def test_results_need_a_valid_signature_or_the_key(tmp_path) -> None:
+    picture = tmp_path / "image_0.png"
+    picture.write_bytes(b"\x89PNG...")
+    signer = ResultSigner(b"s" * 32, 60)
+
+    async def result_file(request_id: str, file_name: str) -> Path | None:
+        return picture if (request_id, file_name) == (RID, "image_0.png") else None
+
+    def client(keys: list[str]) -> TestClient:
+        return TestClient(build_app(keys=ApiKeys(keys), healthy=lambda: False, signer=signer, result_file=result_file,
+                                    render_metrics=lambda: b"pixart_up 1\n"))
+
+    url = signer.url("", RID, "image_0.png").removeprefix("/")
+    with client([]) as open_port, client([KEY]) as keyed:
+        assert open_port.get(f"/{url}").content == b"\x89PNG..."
+        expired = signer.url("", RID, "image_0.png", now=time.time() - 120)
+        assert open_port.get(expired).status_code == 403
+        assert open_port.get(url.replace(url[-4:], "0000")).status_code == 403  # a tampered signature
+        assert open_port.get(f"/results/{RID}/image_0.png").status_code == 403
+        assert open_port.get(f"/results/{RID}/..%2Fkeys").status_code == 404  # not a name the engine writes
+        assert keyed.get(f"/results/{RID}/image_0.png").status_code == 401
+        assert keyed.get(f"/results/{RID}/image_0.png", headers={"Authorization": f"Key {KEY}"}).status_code == 200
+        assert keyed.get(f"/{url}".replace(RID, "cd" * 16)).status_code == 403  # signed for another request
+        assert open_port.get("/metrics").text == "pixart_up 1\n" and keyed.get("/metrics").status_code == 401
+        assert open_port.get("/healthz").status_code == 503
+
+
+def test_api_keys() -> None:
+    keys = ApiKeys(["alpha", "beta"])
+    assert keys.allows("Key beta") and keys.proves("Key alpha")
+    assert not any(keys.allows(h) for h in ("", "Key ", "Key alph", "Bearer alpha", "key alpha"))
+    assert ApiKeys().allows("") and not ApiKeys().proves("Key anything")
