@@ -61,7 +61,7 @@ class Outputs:
         return updates
 
     def untrack(self, item: WorkItem) -> None:
-        """Forget an item that was never accepted (its queue refused it)."""
+        """Forget an item this replica will not run: refused by the queue, or handed back to the store."""
         self.live.pop(item.id, None)
         self._watchers.pop(item.id, None)
 
