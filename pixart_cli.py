@@ -167,10 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except Exception as e:  # a clean message for errors the user can act on
+        from engine.gpu_libraries import ProviderUnavailable
         from engine.request import InvalidRequest
 
         if isinstance(e, InvalidRequest):
             sys.exit(f"invalid request: {e}")
+        if isinstance(e, ProviderUnavailable):
+            sys.exit(f"error: {e}")
         raise
 
 

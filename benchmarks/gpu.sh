@@ -25,9 +25,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-deps .whl/*.whl
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ "$DEVICE" = "cuda" ]; then  # CUDA and cuDNN of the installed nvidia-* packages, before ONNX Runtime looks
-  "$PY" -c "import onnxruntime as o; o.preload_dlls(); print('providers:', o.get_available_providers())"
-fi
+# CUDA and cuDNN of the nvidia-* packages are preloaded by the engine itself, in each process, before its first GPU
+# session (engine/gpu_libraries.py): a preload here, in a separate process, would not reach the benchmark workers.
 exec "$PY" -m benchmarks.bench --device "$DEVICE" --config "$CONFIG" --sizes "$SIZE" --steps "$STEPS" \
   --batches 1,4 --repeats "${REPEATS:-3}" --warmup 1 --only "${ONLY:-text,step,decode,e2e,throughput}" \
   --export-options '{"optimize": false, "precisions": ["fp16"]}' --variants benchmarks/gpu-variants.json \

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from engine.gpu_libraries import ProviderUnavailable, missing_libraries, require
+
 log = logging.getLogger(__name__)
 
 TENSORRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -28,21 +30,12 @@ PREFERENCE = (TENSORRT, CUDA, CPU)
 Shape = tuple[int, ...]
 
 
-def _cuda_driver_present() -> bool:
-    # Asking ONNX Runtime for CUDA on a machine without a driver makes it log errors on every session: look first.
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
-
-
 @lru_cache(maxsize=1)
 def default_providers() -> tuple[str, ...]:
-    """TensorRT, then CUDA, then CPU: the GPU ones only where this build has them and a CUDA driver is present."""
+    """TensorRT, then CUDA, then CPU: the GPU ones only where this build has them and every library they need loads
+    here (a driver, CUDA, cuDNN; libnvinfer for TensorRT), not merely because the wheel lists them."""
     built = set(ort.get_available_providers())
-    gpu_ok = _cuda_driver_present()
-    chosen = tuple(p for p in PREFERENCE if p in built and (p == CPU or gpu_ok))
+    chosen = tuple(p for p in PREFERENCE if p in built and (p == CPU or not missing_libraries(p)))
     return chosen or (CPU,)
 
 
@@ -148,13 +141,18 @@ def create_session(
 ) -> ort.InferenceSession:
     """`memory_arena=False` hands each buffer back after use instead of keeping the run's peak for the next run."""
     providers = tuple(providers or default_providers())
+    asked = providers[0]
+    if asked != CPU:
+        require(asked)  # refuse now, naming what is missing, rather than fall back to the CPU in silence
     acceleration = acceleration or Acceleration(cache_dir=Path(path).parent / "trt-cache")
     options = session_options(intra_op_threads, memory_arena)
     with_options = [(p, provider_options(p, graph, acceleration, profiles)) for p in providers]
     session = ort.InferenceSession(str(path), options, providers=with_options)
     used = session.get_providers()
-    if providers[0] not in used:
-        log.warning("%s: asked for %s, running on %s", Path(path).name, providers[0], used[0])
+    if used[0] != asked:
+        raise ProviderUnavailable(f"{Path(path).name}: {asked} was asked for, but the session runs on {used[0]} "
+                                  "(ONNX Runtime could not create it; run with PIXART_LOG_LEVEL=DEBUG and "
+                                  "ORT's verbose logging to see why)")
     return session
 
 

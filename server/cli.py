@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.gpu_libraries import ProviderUnavailable
 from engine.vocabulary import IMAGE_SIZE_PRESETS, OUTPUT_FORMATS, SCHEDULERS, STYLE_NAMES, parse_image_size
 
 from .client.core import DEFAULT_ADDRESS
@@ -99,6 +100,9 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(app.drain()))
     try:
         await app.load_engine()
+    except ProviderUnavailable:  # said in one line by cmd_serve: the cause is known
+        await app.stop()
+        raise
     except Exception:
         log.exception("engine failed to load")
         await app.stop()
@@ -115,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve(config_from_args(args)))
-    except (SchemaTooNew, ResultsUnavailable) as exc:  # refuse clearly at startup, change nothing
+    except (SchemaTooNew, ResultsUnavailable, ProviderUnavailable) as exc:  # refuse clearly at startup
         raise SystemExit(f"error: {exc}") from None
     return 0
 

@@ -50,6 +50,13 @@ def _env(container: dict) -> dict[str, dict]:
 
 def test_every_setting_is_a_serve_flag(k8s) -> None:
     flags = _serve_flags()
+    # the CUDA image runs the onnxruntime-gpu tested here, on a base of the CUDA major that build needs
+    import onnxruntime
+
+    cuda_image = (DEPLOY / "Dockerfile.cuda").read_text()
+    built_for = onnxruntime.capi.build_and_package_info.cuda_version.split(".")[0]
+    assert re.search(rf"^FROM nvidia/cuda:{built_for}\.\S+-cudnn-runtime-", cuda_image, re.M)
+    assert f'"onnxruntime-gpu=={onnxruntime.__version__}"' in cuda_image
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     names = set(compose["services"]["pixart"]["environment"])
     names |= set(_env(k8s["Deployment/pixart"]["spec"]["template"]["spec"]["containers"][0]))
@@ -103,6 +110,13 @@ def test_images_and_compose_run_the_server_and_drain_before_the_kill() -> None:
         assert 'ENTRYPOINT ["pixart", "serve"]' in text  # exec form: PID 1 gets SIGTERM and drains
         for source in re.findall(r"^COPY (\S+)", text, re.M):
             assert (ROOT / source).exists(), f"{dockerfile}: COPY {source} is missing"
+    # the CUDA image runs the onnxruntime-gpu tested here, on a base of the CUDA major that build needs
+    import onnxruntime
+
+    cuda_image = (DEPLOY / "Dockerfile.cuda").read_text()
+    built_for = onnxruntime.capi.build_and_package_info.cuda_version.split(".")[0]
+    assert re.search(rf"^FROM nvidia/cuda:{built_for}\.\S+-cudnn-runtime-", cuda_image, re.M)
+    assert f'"onnxruntime-gpu=={onnxruntime.__version__}"' in cuda_image
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     pixart = compose["services"]["pixart"]
     assert pixart["deploy"]["replicas"] >= 2
