@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="pixart-bench-"))
     runs: list[dict] = []
+    failed: dict[str, str] = {}
     try:
         specs = []
         for side in sizes:
@@ -124,7 +125,11 @@ def run(args: argparse.Namespace) -> int:
         bar = tqdm(total=sum(planned_units(s) for s in specs), desc="bench", unit="run", disable=args.no_progress)
         for spec in specs:
             bar.set_postfix_str(f"{spec['side']} {spec['size']}²")
-            runs.append(_launch(spec, work, bar.update))
+            try:
+                runs.append(_launch(spec, work, bar.update))
+            except WorkerFailed as exc:  # one variant's failure is reported with the others' figures
+                failed[f"{spec['side']} at {spec['size']}²"] = str(exc)
+                print(f"[bench] {exc}", file=sys.stderr, flush=True)
         bar.close()
         comparisons = compare(runs, sides)
     finally:
@@ -146,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         "models": {str(k): v for k, v in models.items()},
         "device": device,
         "skipped": skipped,
+        "failed": failed,
         "runs": runs,
         "comparisons": comparisons,
     }
@@ -153,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     paths = write_outputs(report, out_dir, stem)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return 1 if failed else 0
 
 
 def resolve_device(device: str) -> str:
@@ -195,6 +201,10 @@ def planned_units(spec: dict) -> int:
     return units
 
 
+class WorkerFailed(RuntimeError):
+    """A side's worker process failed: its log's tail is the message."""
+
+
 def _launch(spec: dict, work: Path, advance: Callable[[int], Any]) -> dict:
     """Run one worker to completion, forwarding its progress; its stderr goes to a log shown when it fails."""
     spec_path = work / f"spec-{spec['side']}-{spec['size']}.json"
@@ -215,7 +225,7 @@ def _launch(spec: dict, work: Path, advance: Callable[[int], Any]) -> dict:
         rc = proc.wait()
     if rc != 0 or not Path(spec["result"]).exists():
         tail = log_path.read_text()[-4000:]
-        raise RuntimeError(f"bench worker {spec['side']} at {spec['size']}² failed (exit {rc}):\n{tail}")
+        raise WorkerFailed(f"bench worker {spec['side']} at {spec['size']}² failed (exit {rc}):\n{tail}")
     result = json.loads(Path(spec["result"]).read_text())
     result["images_dir"] = spec["images"]
     return result

@@ -75,6 +75,12 @@ def markdown(report: dict) -> str:
                     q = c.get("error") or f"PSNR {c['psnr_db']:.1f} dB, max |diff| {c['max_abs_diff']}/255"
                     lines.append(f"- images {v} vs eager, batch {b}: {q}")
         lines.append("")
+    not_measured = {**{name: f"skipped: {why}" for name, why in report.get("skipped", {}).items()},
+                    **{name: "failed: " + _last_line(error) for name, error in report.get("failed", {}).items()}}
+    if not_measured:
+        lines += ["## Not measured", "", "| variant | why |", "|---|---|"]
+        lines += [f"| {name} | {why} |" for name, why in not_measured.items()]
+        lines.append("")
     lines.append("## Models")
     lines.append("")
     lines.append("| size | export (s) | export size | build (s) | cached |")
@@ -85,6 +91,12 @@ def markdown(report: dict) -> str:
                      f"{info['export_cached']} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _last_line(error: str) -> str:
+    """The error's last non-empty line (a traceback ends with the exception), cut for a table cell."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return (lines[-1] if lines else error)[:300].replace("|", "/")
 
 
 def plot(report: dict, path: Path) -> None:

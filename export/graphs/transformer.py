@@ -9,13 +9,23 @@ The transformer's forward is re-stated here over diffusers' own submodules (patc
 caption projection, the blocks, the final modulation) so that the graph has no Python branches resolved at trace
 time: the mask stays rank 2 and becomes the −10000 bias inside the graph, and unpatchify is a plain permute (no
 `squeeze(1)`, which TorchScript turns into a shape-disagreeing `If` at the real width).
+
+Attention is exported with its scale as a constant (`explicit_attention_scale`): diffusers calls
+`F.scaled_dot_product_attention` without one, and TorchScript's export then computes 1/sqrt(head size) from the
+query's shape at run time (Shape -> Slice -> Cast -> Sqrt -> Div -> Sqrt -> Mul, per attention). ONNX Runtime places
+that integer arithmetic on the CPU and copies its result to the GPU at every step, and CUDA graph capture refuses a
+session with such copies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from export.onnx_io import export_graph
@@ -72,21 +82,40 @@ def export_transformer(transformer: nn.Module, path: Path, latent_hw: tuple[int,
         torch.tensor([[1] * 7, [1] * 3 + [0] * 4], dtype=torch.int64),
         torch.from_numpy(pos.copy()),  # the cached array is read-only
     )
-    return export_graph(
-        TransformerGraph(transformer),
-        args,
-        path,
-        inputs=["latents", "timestep", "encoder_hidden_states", "encoder_attention_mask", "pos_embed"],
-        outputs=["noise_pred"],
-        dynamic={
-            "latents": {0: "batch", 2: "height", 3: "width"},
-            "timestep": {0: "batch"},
-            "encoder_hidden_states": {0: "batch", 1: "text_len"},
-            "encoder_attention_mask": {0: "batch", 1: "text_len"},
-            "pos_embed": {1: "tokens"},
-            "noise_pred": {0: "batch", 2: "height", 3: "width"},
-        },
-    )
+    with explicit_attention_scale():
+        return export_graph(
+            TransformerGraph(transformer),
+            args,
+            path,
+            inputs=["latents", "timestep", "encoder_hidden_states", "encoder_attention_mask", "pos_embed"],
+            outputs=["noise_pred"],
+            dynamic={
+                "latents": {0: "batch", 2: "height", 3: "width"},
+                "timestep": {0: "batch"},
+                "encoder_hidden_states": {0: "batch", 1: "text_len"},
+                "encoder_attention_mask": {0: "batch", 1: "text_len"},
+                "pos_embed": {1: "tokens"},
+                "noise_pred": {0: "batch", 2: "height", 3: "width"},
+            },
+        )
+
+
+@contextlib.contextmanager
+def explicit_attention_scale() -> Iterator[None]:
+    """While tracing: scaled_dot_product_attention gets scale = 1/sqrt(head size) as a number (its default value),
+    so the exported graph holds a constant instead of computing it from tensor shapes."""
+    sdpa = F.scaled_dot_product_attention
+
+    def with_scale(query: torch.Tensor, *args, scale: float | None = None, **kwargs) -> torch.Tensor:
+        if scale is None:
+            scale = 1.0 / math.sqrt(int(query.shape[-1]))
+        return sdpa(query, *args, scale=scale, **kwargs)
+
+    F.scaled_dot_product_attention = with_scale
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
 
 
 def pos_embed_geometry(transformer: nn.Module) -> tuple[float, float]:

@@ -37,10 +37,12 @@ def test_bench_tiny_writes_json_markdown_and_plot(tmp_path):
     rc = bench.main([
         "--config", "tiny", "--sizes", "256", "--steps", "1", "--repeats", "1", "--warmup", "0", "--batches", "1",
         "--out-dir", str(tmp_path), "--no-progress",
+        "--variants", '{"engine": {}, "broken": {"variant": "no-such-graph-set"}}',
     ])
-    assert rc == 0
+    assert rc == 1  # a variant failed: said in the exit code, and reported with the others' figures
     report = json.loads((tmp_path / "bench-tiny.json").read_text())
     assert {r["side"] for r in report["runs"]} == {"eager", "engine"}
+    assert list(report["failed"]) == ["broken at 256²"] and "no-such-graph-set" in report["failed"]["broken at 256²"]
     for r in report["runs"]:
         assert r["size"] == 256
         assert {"text", "step_b1", "decode"} <= set(r["stages"])
@@ -52,7 +54,7 @@ def test_bench_tiny_writes_json_markdown_and_plot(tmp_path):
     assert {"cpu", "cores", "ram_gib", "os", "python"} <= set(report["machine"])
     assert {"torch", "diffusers", "transformers"} <= set(report["versions"])
     md = (tmp_path / "bench-tiny.md").read_text()
-    assert "| eager | engine |" in md and "PSNR" in md
+    assert "| eager | engine | broken |" in md and "PSNR" in md and "| broken at 256² | failed: " in md
     png = (tmp_path / "bench-tiny.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp"))

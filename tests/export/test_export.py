@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -285,3 +286,53 @@ def test_an_older_export_gains_fused_attention_in_place(default_checkpoint, tmp_
     plain, fused = (Engine.load(tmp_path, ["CPUExecutionProvider"], variant=v).generate(request).images[0].pixels
                     for v in ("fp32", "optimized"))
     assert np.abs(plain.astype(int) - fused.astype(int)).max() <= 1
+
+
+def shape_derived_floats(path) -> list[str]:
+    """Nodes that make a floating-point value out of integers computed from a tensor's shape (Shape -> ... -> Cast
+    to float, say): ONNX Runtime runs such integer arithmetic on the CPU, so on a GPU each one is a host-device copy
+    at every run, and CUDA graph capture refuses the session. Nodes that only take a shape operand (Reshape's target,
+    Expand's, Slice's bounds...) do not count."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    graph = model.graph
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    producer = {o: n for n in graph.node for o in n.output}
+    shape_operands = {"Reshape", "Expand", "Slice", "Tile", "ConstantOfShape", "Resize", "Pad", "Unsqueeze",
+                      "Squeeze", "Gather", "Split", "Range"}
+    seen: dict[str, bool] = {}
+
+    def from_shape(name: str) -> bool:  # an integer value computed from a Shape
+        if name not in seen:
+            seen[name] = False
+            node = producer.get(name)
+            seen[name] = node is not None and types.get(name) not in floats and (
+                node.op_type == "Shape" or any(from_shape(i) for i in node.input if i))
+        return seen[name]
+
+    return [n.name for n in graph.node if n.op_type not in shape_operands
+            and any(types.get(o) in floats for o in n.output) and any(from_shape(i) for i in n.input if i)]
+
+
+def test_no_float_of_the_transformer_depends_on_a_shape(default_export, components, tmp_path):
+    """The attention scale is a constant in every transformer graph (plain, fused, fp16), and ONNX Runtime's basic
+    rewrites bring no shape arithmetic back: a GPU session needs no copy for it, and CUDA graphs can capture."""
+    from export.graphs import transformer as graph_module
+
+    manifest = json.loads((default_export / "manifest.json").read_text())
+    graphs = {default_export / files["transformer"] for files in manifest["variants"].values()}
+    assert len(graphs) >= 2
+    options = ort.SessionOptions()  # the provider-independent rewrites (constant folding): the CPU's own are not
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # what a GPU session gets
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(default_export / manifest["files"]["transformer"]), options, providers=CPU)
+    for graph in [*graphs, tmp_path / "optimized.onnx"]:
+        assert shape_derived_floats(graph) == [], graph.name
+    # what the check catches: the scale computed from the query's shape, as torch exports SDPA given none
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(graph_module, "explicit_attention_scale", contextlib.nullcontext)
+        computed = graph_module.export_transformer(components["transformer"], tmp_path / "computed_scale.onnx")
+    assert len(shape_derived_floats(computed)) == 2 * TRANSFORMER_CONFIG["num_layers"]  # self- and cross-attention
