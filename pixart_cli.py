@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 from engine import vocabulary as v
+from server.config import ServerConfig
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -71,23 +73,24 @@ def _infer(args: argparse.Namespace) -> None:
 
 
 def _build_engines(args: argparse.Namespace) -> None:
-    """Build (or load from the cache) the TensorRT engines of an export, once, for the shapes it will serve."""
+    """Build (or load from the cache) the TensorRT engines of an export, once, for the shapes `pixart serve` with the
+    same --max-batch-images, --cuda-graphs and cache folder will ask for."""
     from engine import Engine, GenerationRequest
-    from engine.runtime import CPU, CUDA, TENSORRT, Acceleration, default_providers
+    from engine.runtime import CPU, CUDA, TENSORRT, default_providers
+    from server.cli import gpu_options
 
     if TENSORRT not in default_providers():
         raise SystemExit("build-engines needs ONNX Runtime's TensorRT provider and a CUDA driver; this machine has "
                          f"{', '.join(default_providers())}. Run it on the deployment's GPU machine.")
-    cache = Path(args.cache_dir) if args.cache_dir else Path(args.engine) / "trt-cache"
-    acceleration = Acceleration(device_id=args.device_id, cuda_graphs=args.cuda_graphs, cache_dir=cache)
-    engine = Engine.load(args.engine, [TENSORRT, CUDA, CPU], variant=args.variant, acceleration=acceleration,
-                         max_rows=2 * args.max_batch)
+    options = gpu_options(str(args.engine), args.max_batch_images, args.cuda_graphs, args.cache_dir)
+    options["acceleration"] = dataclasses.replace(options["acceleration"], device_id=args.device_id)
+    engine = Engine.load(args.engine, [TENSORRT, CUDA, CPU], variant=args.variant, **options)
     bins = [v.parse_image_size(b) for b in args.bins.split(",")] if args.bins else [
         (w, h) for h, w in engine.bins.values()]
     for size in bins:  # one request per bin: builds the engines on the first, then captures each bin's graph
         engine.generate(GenerationRequest(prompt="build", image_size=size, num_inference_steps=1, seed=0))
         print(f"ready: {size[0]}x{size[1]}")
-    print(f"TensorRT engines and timing cache in {cache}")
+    print(f"TensorRT engines and timing cache in {options['acceleration'].cache_dir}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,11 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-engines", help="prebuild the TensorRT engines of an export (once, after install)")
     p.add_argument("--engine", required=True, type=Path, help="export folder")
     p.add_argument("--bins", default="", help="WIDTHxHEIGHT,... to warm (default: every bin of the export)")
-    p.add_argument("--max-batch", type=int, default=4, help="images per step the engines must take (x2 rows)")
-    p.add_argument("--variant", default=None, help="graph set: fp32 (TensorRT makes its own fp16), fp16, ...")
-    p.add_argument("--cuda-graphs", action="store_true", help="also capture a CUDA graph per bin")
+    p.add_argument("--max-batch-images", type=int, default=ServerConfig.max_batch_images,
+                   help="images per step the engines must take, as `pixart serve --max-batch-images` (x2 rows)")
+    p.add_argument("--variant", default="fp32",
+                   help="graph set: fp32, the plain graphs (TensorRT makes its own fp16 and fusions; the optimized "
+                   "graphs' com.microsoft attention would split the engine)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also capture CUDA graphs, as `pixart serve --cuda-graphs`")
     p.add_argument("--device-id", type=int, default=0)
-    p.add_argument("--cache-dir", default=None, help="engine and timing cache (default: <export>/trt-cache)")
+    p.add_argument("--cache-dir", default=None,
+                   help="engine and timing cache, as `pixart serve --trt-cache-dir` (default: <export>/trt-cache)")
     p.set_defaults(func=_build_engines)
 
     from benchmarks.bench import register as register_bench

@@ -5,20 +5,38 @@ and output buffers, allocated once. An input is uploaded only when the array giv
 the batch's text conditioning and the bin's positional embedding are the same arrays every step, so they go to the
 device once per batch, not per step. Per step the copies are: latents and timesteps up (rows x 4 x h x w and rows
 floats), the noise prediction down (rows x 8 x h x w); the samplers' arithmetic stays in numpy on the host, a few
-hundred kilobytes. With CUDA graphs, each slot is one captured graph, replayed through the `gpu_graph_id` run option.
+hundred kilobytes. Slots are kept least recently used first out, within `max_slots` and `max_bytes` of buffers.
+
+With CUDA graphs each slot is one captured graph, replayed through the `gpu_graph_id` run option. Continuous
+batching would otherwise make a new shape (and a new capture of a ~2,000-node graph) for every number of rows and
+text length, so the caller pads rows to ROW_BUCKETS and text to TEXT_BUCKETS (`graph_shape`); an evicted slot's
+graph is released; and the runs that may capture hold `device_lock`, which the VAE decode on the finisher thread
+takes too, since stream capture must not see another thread's work on the device.
 
 On the CPU provider the same path runs (and is tested to give the same images as `session.run`); there the bound
 buffers are host memory and `OrtValue.numpy()` is a view of the output buffer, so results are copied out before
-the next run overwrites them.
+the next run overwrites them (on a GPU `numpy()` is already the copy to the host).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
+
+ROW_BUCKETS = (1, 2, 4, 8, 16)  # transformer rows a captured graph is made for
+TEXT_BUCKETS = (32, 64, 128, 300)  # text lengths a captured graph is made for (the longest T5 text is 300 tokens)
+CAPTURE_RUNS = 3  # ONNX Runtime captures a graph id within its first runs (after its warm-up runs)
+
+
+def graph_shape(rows: int, text_length: int) -> tuple[int, int]:
+    """The (rows, text length) a captured graph is made for: the next buckets up (past the last: as they are)."""
+    padded_rows = next((b for b in ROW_BUCKETS if b >= rows), rows)
+    padded_text = next((b for b in TEXT_BUCKETS if b >= text_length), text_length)
+    return padded_rows, padded_text
 
 
 @dataclass
@@ -27,40 +45,56 @@ class _Slot:
     binding: ort.IOBinding
     inputs: dict[str, ort.OrtValue]
     output: ort.OrtValue
+    nbytes: int
+    runs: int = 0
     uploaded: dict[str, np.ndarray] = field(default_factory=dict)  # the arrays last copied in (kept alive)
 
 
 class BoundSession:
     def __init__(self, session: ort.InferenceSession, device: str = "cpu", device_id: int = 0,
-                 cuda_graphs: bool = False, max_slots: int = 32):
+                 cuda_graphs: bool = False, max_slots: int = 32, max_bytes: int = 4 << 30, shrink: bool = False):
+        """`shrink`: hand the device arena back after each run (a memory plan without one)."""
         self.session, self.device, self.device_id, self.cuda_graphs = session, device, device_id, cuda_graphs
+        self.shrink = shrink
         self.output_name = session.get_outputs()[0].name
         # least recently used last out: traffic of many shapes must not hold device buffers for all of them
         self.slots: OrderedDict[tuple, _Slot] = OrderedDict()
-        self.max_slots = max_slots
+        self.max_slots, self.max_bytes = max_slots, max_bytes
+        self.device_lock = threading.Lock()  # held while a run may capture a CUDA graph; the VAE decode takes it
         self._next_graph_id = 1
         self.uploads = 0  # input copies made, for tests and the benchmark
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the buffers the slots hold on the device."""
+        return sum(slot.nbytes for slot in self.slots.values())
 
     def _slot(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]) -> _Slot:
         key = tuple((name, a.shape, a.dtype.str) for name, a in feeds.items())
         slot = self.slots.get(key)
         if slot is not None:
             self.slots.move_to_end(key)
-        else:
-            while len(self.slots) >= self.max_slots:
-                self.slots.popitem(last=False)
-            binding = self.session.io_binding()
-            inputs = {}
-            for name, a in feeds.items():
-                value = ort.OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, self.device, self.device_id)
-                binding.bind_ortvalue_input(name, value)
-                inputs[name] = value
-            output = ort.OrtValue.ortvalue_from_shape_and_type(output_shape, np.float32, self.device, self.device_id)
-            binding.bind_ortvalue_output(self.output_name, output)
-            # a graph id is never reused: an evicted slot's captured graph must not be replayed with new buffers
-            slot = self.slots[key] = _Slot(self._next_graph_id, binding, inputs, output)
-            self._next_graph_id += 1
+            return slot
+        nbytes = sum(a.nbytes for a in feeds.values()) + int(np.prod(output_shape)) * 4
+        while self.slots and (len(self.slots) >= self.max_slots or self.nbytes + nbytes > self.max_bytes):
+            self._evict(next(iter(self.slots)))
+        binding = self.session.io_binding()
+        inputs = {}
+        for name, a in feeds.items():
+            value = ort.OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, self.device, self.device_id)
+            binding.bind_ortvalue_input(name, value)
+            inputs[name] = value
+        output = ort.OrtValue.ortvalue_from_shape_and_type(output_shape, np.float32, self.device, self.device_id)
+        binding.bind_ortvalue_output(self.output_name, output)
+        # a graph id is never reused: an evicted slot's captured graph must not be replayed with new buffers
+        slot = self.slots[key] = _Slot(self._next_graph_id, binding, inputs, output, nbytes)
+        self._next_graph_id += 1
         return slot
+
+    def _evict(self, key: tuple) -> None:
+        slot = self.slots.pop(key)
+        if self.cuda_graphs and slot.runs:
+            self.session.release_captured_graph(slot.graph_id)
 
     def run(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]) -> np.ndarray:
         slot = self._slot(feeds, output_shape)
@@ -73,9 +107,37 @@ class BoundSession:
         options = ort.RunOptions()
         if self.cuda_graphs:
             options.add_run_config_entry("gpu_graph_id", str(slot.graph_id))
-        self.session.run_with_iobinding(slot.binding, options)
-        return np.array(slot.output.numpy())  # a copy: the buffer is reused by the next run
+        if self.shrink:
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{self.device_id}")
+        if self.cuda_graphs and slot.runs < CAPTURE_RUNS:
+            with self.device_lock:
+                self.session.run_with_iobinding(slot.binding, options)
+        else:
+            self.session.run_with_iobinding(slot.binding, options)
+        slot.runs += 1
+        out = slot.output.numpy()
+        return out.copy() if self.device == "cpu" else out  # on the CPU a view of the buffer the next run reuses
 
     def close(self) -> None:
-        """Release every slot's device buffers and bindings (the session itself goes with its last reference)."""
-        self.slots.clear()
+        """Release every slot's device buffers, bindings and captured graph (the session goes with its last
+        reference)."""
+        for key in list(self.slots):
+            self._evict(key)
+
+
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` with zero rows appended up to `rows` (itself when it has them): rows a graph runs but nobody reads."""
+    if len(array) >= rows:
+        return array
+    return np.concatenate([array, np.zeros((rows - len(array), *array.shape[1:]), array.dtype)])
+
+
+def pad_conditioning(context: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Text states (rows, L, C) and masks (rows, L) padded to `graph_shape`: the extra tokens are masked out (the
+    -10000 bias makes their attention weights exactly 0 in float32), the extra rows are ignored."""
+    rows, length = graph_shape(*mask.shape)
+    padded_context = np.zeros((rows, length, context.shape[2]), context.dtype)
+    padded_mask = np.zeros((rows, length), mask.dtype)
+    padded_context[: len(context), : context.shape[1]] = context
+    padded_mask[: len(mask), : mask.shape[1]] = mask
+    return padded_context, padded_mask

@@ -9,11 +9,13 @@ not depend on its companions, so generations can join and leave a batch at any s
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.binding import pad_conditioning
 from engine.request import GenerationRequest
 from engine.schedulers import Scheduler
 
@@ -71,6 +73,36 @@ def batch_conditioning(generations: Sequence[Generation]) -> tuple[np.ndarray, n
         mask[row : row + n, :width] = g.mask[which]
         row += n
     return context, mask
+
+
+class BatchedText:
+    """Each group's batched text states and masks (one group per size bin), rebuilt only when its membership
+    changes: the same arrays step after step, so that a bound transformer sends them to the device once, even while
+    several groups take turns. The groups stepped least recently are forgotten first."""
+
+    def __init__(self, groups: int = 4):
+        self.groups = groups
+        self._cached: OrderedDict[tuple[int, int], tuple[tuple[Generation, ...], np.ndarray, np.ndarray]] = \
+            OrderedDict()
+
+    def get(self, generations: Sequence[Generation], *, pad: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`pad`: to the shape a captured graph is made for (engine.binding.graph_shape)."""
+        key = generations[0].size_bin
+        cached = self._cached.get(key)
+        if cached is not None and len(cached[0]) == len(generations) and all(
+                a is b for a, b in zip(cached[0], generations, strict=True)):
+            self._cached.move_to_end(key)
+            return cached[1], cached[2]
+        context, mask = batch_conditioning(generations)
+        if pad:
+            context, mask = pad_conditioning(context, mask)
+        self._cached[key] = (tuple(generations), context, mask)
+        while len(self._cached) > self.groups:
+            self._cached.popitem(last=False)
+        return context, mask
+
+    def clear(self) -> None:
+        self._cached.clear()
 
 
 def prompt_rows(generations: Sequence[Generation]) -> int:

@@ -16,6 +16,8 @@ from typing import Any
 FILE = "manifest.json"
 FORMAT = "pixart-sigma-onnx/1"
 COMPONENTS = ("text_encoder", "transformer", "vae_decoder", "tokenizer")
+# the default graph set per execution provider (first found in the export), else "fp32", the plain graphs
+PREFERRED_VARIANTS = {"CUDAExecutionProvider": ("fp16", "optimized"), "TensorrtExecutionProvider": ()}
 
 
 class ManifestError(ValueError):
@@ -74,12 +76,16 @@ class Manifest:
     def variants(self) -> list[str]:
         return ["fp32", *self.data.get("variants", {})]
 
-    def files(self, variant: str | None = None, overrides: dict[str, str] | None = None
-              ) -> tuple[str, dict[str, Path]]:
-        """(variant, component -> path): the named variant's graphs over the plain ones; default "optimized".
-        `overrides` takes single components from other variants, e.g. {"text_encoder": "int4"}."""
+    def files(self, variant: str | None = None, overrides: dict[str, str] | None = None,
+              provider: str = "CPUExecutionProvider") -> tuple[str, dict[str, Path]]:
+        """(variant, component -> path): the named variant's graphs over the plain ones. The default depends on the
+        provider: on CUDA "fp16" where exported (fp32 attention cannot use flash attention, and fp32 matmuls fall to
+        TF32); on TensorRT the plain graphs (it makes its own fp16 and fusions, and `pixart build-engines` builds
+        from them); elsewhere "optimized" where exported. `overrides` takes single components from other variants,
+        e.g. {"text_encoder": "int4"}."""
         variants = self.data.get("variants", {})
-        variant = variant or ("optimized" if "optimized" in variants else "fp32")
+        preferred = PREFERRED_VARIANTS.get(provider, ("optimized",))
+        variant = variant or next((v for v in preferred if v in variants), "fp32")
         if variant != "fp32" and variant not in variants:
             raise ManifestError(f"variant: this export has {self.variants()}, not {variant!r}")
         names = {**self.data["files"], **variants.get(variant, {})}

@@ -137,7 +137,8 @@ def _attention_fused(manifest: Manifest, variant: str) -> bool:
 def estimate(manifest: Manifest, plan: MemoryPlan, device: str = "cuda") -> dict[str, int]:
     """Peak bytes per stage ("text_encoding", "denoising", "decoding") of one guided image at the largest bin."""
     overrides = {"text_encoder": plan.text_encoder_variant} if plan.text_encoder_variant else None
-    variant, files = manifest.files(plan.variant, overrides)
+    provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"  # the variant it defaults to
+    variant, files = manifest.files(plan.variant, overrides, provider=provider)
     chosen = {"text_encoder": plan.text_encoder_variant or variant, "transformer": variant, "vae_decoder": variant}
     weights = {}
     for c, v in chosen.items():

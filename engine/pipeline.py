@@ -15,6 +15,8 @@ its companions, so requests can join and leave a running batch at any step bound
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -22,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.generation import Generation, advance, batch_conditioning, batch_latents, prompt_rows
+from engine.binding import CAPTURE_RUNS, ROW_BUCKETS, pad_conditioning, pad_rows
+from engine.generation import BatchedText, Generation, advance, batch_latents, prompt_rows
 from engine.images import decode_latents, encode_image
 from engine.manifest import Manifest
 from engine.positions import sincos_pos_embed
 from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
 from engine.resolution import classify_bin, resize_and_crop, to_uint8
-from engine.runtime import Acceleration, release_freed_memory, shape_profiles
+from engine.runtime import Acceleration, default_providers, release_freed_memory, shape_profiles, shrink_after_runs
 from engine.schedulers import make_scheduler
 from engine.sessions import GraphOpener, bind_transformer, open_safety_checker
 from engine.text import T5Tokenizer
@@ -83,9 +86,12 @@ class Engine:
         self.manifest = Manifest.load(export_dir, verify=verify_files)
         self.path = self.manifest.folder
         overrides = {"text_encoder": text_encoder_variant} if text_encoder_variant else None
-        self.variant, files = self.manifest.files(variant, overrides)
+        self.variant, files = self.manifest.files(variant, overrides, provider=(providers or default_providers())[0])
+        self.max_rows = max_rows
         self._read_model_config()
-        acceleration = acceleration or Acceleration(cache_dir=self.path / "trt-cache")
+        acceleration = acceleration or Acceleration()
+        if acceleration.cache_dir is None:
+            acceleration = dataclasses.replace(acceleration, cache_dir=self.path / "trt-cache")
         self._open_sessions(GraphOpener(files, providers, intra_op_threads, acceleration, self._profiles(max_rows)),
                             text_encoder_device=text_encoder_device, text_encoder_resident=text_encoder_resident,
                             memory_arena=memory_arena, io_binding=io_binding)
@@ -101,7 +107,9 @@ class Engine:
         # Parsing a graph holds its protobuf beside the weights it copies out; glibc keeps those pages after the
         # parse (270 MB of a 384 MB graph, measured) unless asked to give them back.
         release_freed_memory()
-        self._batch_text: tuple[tuple[Generation, ...], np.ndarray, np.ndarray] | None = None
+        self._batched_text = BatchedText()
+        # captured graphs are made for a few shapes: rows and text padded up to them (engine.binding.graph_shape)
+        self.graph_shapes = self.bound_transformer is not None and self.bound_transformer.cuda_graphs
         self._closed = False
 
     @classmethod
@@ -125,7 +133,7 @@ class Engine:
         self.vae_scaling_factor = float(self.manifest["vae"]["scaling_factor"])
         self.scheduler_config = self.manifest["scheduler"]["config"]
 
-    def _profiles(self, max_rows: int) -> dict[str, dict]:
+    def _profiles(self, max_rows: int) -> dict[str, list]:
         """TensorRT's optimization profiles: every bin, up to `max_rows` rows and the longest text."""
         return shape_profiles(
             self.bins, max_rows=max_rows, latent_channels=self.latent_channels, vae_scale=self.vae_scale,
@@ -142,9 +150,12 @@ class Engine:
         self.text_encoder = self._text_encoder_session() if text_encoder_resident else None
         self.transformer = graphs.open("transformer", memory_arena=memory_arena)
         # The VAE's mid-block attention peaks at gigabytes per image at 1024²; an arena would keep that peak
-        # resident between requests, so this session allocates and frees per run.
+        # resident between requests, so this session allocates and frees per run (on a GPU: its arena shrinks).
         self.vae_decoder = graphs.open("vae_decoder", memory_arena=False)
-        self.bound_transformer = bind_transformer(self.transformer, io_binding, graphs.acceleration)
+        self._shrink = shrink_after_runs(self.vae_decoder, graphs.acceleration.device_id)
+        self._transformer_run = None if memory_arena else self._shrink
+        self.bound_transformer = bind_transformer(self.transformer, io_binding, graphs.acceleration,
+                                                  self._transformer_run)
 
     def _checked_vae_tile(self, vae_tile: int | None) -> int | None:
         if vae_tile is not None and (vae_tile <= 0 or vae_tile % (4 * self.vae_scale)):
@@ -176,7 +187,7 @@ class Engine:
         self.text_encoder = self.transformer = self.vae_decoder = None
         self.bound_transformer = self.safety_checker = None
         self._text_encoder_session = None
-        self._batch_text = None
+        self._batched_text.clear()
         release_freed_memory()
 
     def _check_open(self) -> None:
@@ -217,7 +228,18 @@ class Engine:
         return text_length(tokens, self.max_sequence_length, self.trim_text)
 
     def warmup(self) -> None:
+        """A small request through every stage; with CUDA graphs also the default size's graphs for every row
+        bucket a step can use, captured now rather than under the first requests."""
         self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=1, image_size=(512, 512), seed=0))
+        height, width = self.binned_size(GenerationRequest(prompt="warm-up"))
+        h, w = height // self.vae_scale, width // self.vae_scale
+        pos_embed = sincos_pos_embed(self.inner_dim, h // self.patch_size, w // self.patch_size, *self.pos_geometry)
+        for rows in [r for r in ROW_BUCKETS if r <= self.max_rows] if self.graph_shapes else []:
+            context, mask = pad_conditioning(np.zeros((rows, 1, self.caption_channels), np.float32),
+                                             np.ones((rows, 1), np.int64))
+            for _ in range(CAPTURE_RUNS):
+                self.predict_noise(np.zeros((rows, self.latent_channels, h, w), np.float32),
+                                   np.full(rows, 999.0, np.float32), context, mask, pos_embed)
 
     # ---- the three stages -----------------------------------------------------------------------------------
 
@@ -259,7 +281,7 @@ class Engine:
             if g.denoise_started is None:
                 g.denoise_started = now
         x, t = batch_latents(generations)
-        context, mask = self._conditioning(generations)
+        context, mask = self._batched_text.get(generations, pad=self.graph_shapes)
         height, width = generations[0].size_bin
         pos_embed = sincos_pos_embed(self.inner_dim, height // self.vae_scale // self.patch_size,
                                      width // self.vae_scale // self.patch_size, *self.pos_geometry)
@@ -348,44 +370,44 @@ class Engine:
             del session
             release_freed_memory()
 
-    def _conditioning(self, generations: Sequence[Generation]) -> tuple[np.ndarray, np.ndarray]:
-        """Text states and masks in row order, padded to the longest member; rebuilt only when membership changes."""
-        cached = self._batch_text
-        if cached is not None and len(cached[0]) == len(generations) and all(
-                a is b for a, b in zip(cached[0], generations, strict=True)):
-            return cached[1], cached[2]
-        context, mask = batch_conditioning(generations)
-        self._batch_text = (tuple(generations), context, mask)
-        return context, mask
-
     def predict_noise(self, x: np.ndarray, t: np.ndarray, context: np.ndarray, mask: np.ndarray,
                       pos_embed: np.ndarray, split: int | None = None) -> np.ndarray:
         """One transformer call over every row, or, with `guidance_in_one_batch` off, one per guidance half
-        (rows before and after `split`)."""
+        (rows before and after `split`). `context`/`mask` may have more rows than `x` (padding for a captured
+        graph): the extra rows run on zeros and are dropped."""
         self._check_open()
-        bounds = [0, len(x)] if self.guidance_in_one_batch or split is None else [0, split, len(x)]
+        rows = len(x)
+        bounds = [0, rows] if self.guidance_in_one_batch or split is None else [0, split, rows]
         outs = []
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            whole = (a, b) == (0, len(x))  # slicing would make new arrays: the bound text would be sent again
+            if (a, b) == (0, rows):  # slicing would make new arrays: the bound text would be sent again
+                ctx, msk = context, mask
+            else:
+                ctx, msk = context[a:b], mask[a:b]
+                if self.graph_shapes:
+                    ctx, msk = pad_conditioning(ctx, msk)
             feeds = {
-                "latents": x[a:b],
-                "timestep": t[a:b],
-                "encoder_hidden_states": context if whole else context[a:b],
-                "encoder_attention_mask": mask if whole else mask[a:b],
+                "latents": pad_rows(x[a:b], len(ctx)),
+                "timestep": pad_rows(t[a:b], len(ctx)),
+                "encoder_hidden_states": ctx,
+                "encoder_attention_mask": msk,
                 "pos_embed": pos_embed,
             }
             if self.bound_transformer is not None:
-                out_shape = (b - a, self.out_channels, *x.shape[2:])
-                outs.append(self.bound_transformer.run(feeds, out_shape))
+                out_shape = (len(ctx), self.out_channels, *x.shape[2:])
+                outs.append(self.bound_transformer.run(feeds, out_shape)[: b - a])
             else:
-                outs.append(self.transformer.run(None, feeds)[0])
+                outs.append(self.transformer.run(None, feeds, self._transformer_run)[0][: b - a])
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """(B, 4, h, w) final latents -> (B, 3, H, W) images in about [-1, 1] (whole, or in tiles of `vae_tile`)."""
+        """(B, 4, h, w) final latents -> (B, 3, H, W) images in about [-1, 1] (whole, or in tiles of `vae_tile`).
+        With CUDA graphs it waits out a transformer run that may be capturing (see engine.binding)."""
         self._check_open()
-        return decode_latents(lambda z: self.vae_decoder.run(None, {"latents": z})[0], latents,
-                              self.vae_scaling_factor, tile=self.vae_tile, scale_factor=self.vae_scale)
+        bound = self.bound_transformer
+        with bound.device_lock if bound is not None and bound.cuda_graphs else contextlib.nullcontext():
+            return decode_latents(lambda z: self.vae_decoder.run(None, {"latents": z}, self._shrink)[0], latents,
+                                  self.vae_scaling_factor, tile=self.vae_tile, scale_factor=self.vae_scale)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -44,56 +44,71 @@ class Acceleration:
     """How the GPU providers are configured (ignored on CPU)."""
 
     device_id: int = 0
-    cuda_graphs: bool = False  # capture the transformer per (bin, rows, text length) and replay it
-    tensorrt_fp16: bool = True
+    cuda_graphs: bool = False  # capture the transformer per (bin, rows, text length) bucket and replay it
+    tensorrt_fp16: bool = True  # the transformer's TensorRT engine in fp16 (T5 and the VAE keep fp32)
     cache_dir: Path | None = None  # TensorRT engines and timing cache; default: <export>/trt-cache
+
+
+def step_rows(max_batch_images: int) -> int:
+    """The most transformer rows one step runs for `max_batch_images` images: a guided image is two rows. What
+    sizes TensorRT's profiles, the same for `pixart serve` and `pixart build-engines`."""
+    return 2 * max_batch_images
+
+
+Profile = dict[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max)
 
 
 def shape_profiles(bins: Mapping[str, list[int]], *, max_rows: int, latent_channels: int, vae_scale: int,
                    patch_size: int, inner_dim: int, caption_channels: int, max_text: int
-                   ) -> dict[str, dict[str, tuple[Shape, Shape, Shape]]]:
-    """Per graph, per input: (min, opt, max) shapes covering every bin of the table, one to `max_rows` transformer
-    rows (guided requests count twice) and text lengths up to `max_text`; "opt" is the square bin, one guided
-    image and a 32-token text, the common request."""
+                   ) -> dict[str, list[Profile]]:
+    """Per graph, the TensorRT optimization profiles that cover every request: one to `max_rows` transformer rows,
+    text up to `max_text` tokens, every bin of the table. The transformer gets one profile per bin, since its latents
+    and positional embedding must agree on the number of tokens (one profile spanning all bins would admit latents
+    of one bin with positions of another); "opt" is one guided image with a 32-token text. T5 and the VAE (one image
+    per call) take one profile each."""
     sides = [(h // vae_scale, w // vae_scale) for h, w in bins.values()]
-    h_min, w_min = min(h for h, _ in sides), min(w for _, w in sides)
-    h_max, w_max = max(h for h, _ in sides), max(w for _, w in sides)
-    square = min(sides, key=lambda s: abs(s[0] - s[1]))
-    tokens = sorted(h * w // patch_size**2 for h, w in sides)
     t_opt = min(32, max_text)
-    return {
-        "transformer": {
-            "latents": ((1, latent_channels, h_min, w_min), (2, latent_channels, *square),
-                        (max_rows, latent_channels, h_max, w_max)),
+    transformer = []
+    for h, w in sorted(set(sides)):
+        tokens = h * w // patch_size**2
+        transformer.append({
+            "latents": ((1, latent_channels, h, w), (2, latent_channels, h, w), (max_rows, latent_channels, h, w)),
             "timestep": ((1,), (2,), (max_rows,)),
             "encoder_hidden_states": ((1, 1, caption_channels), (2, t_opt, caption_channels),
                                       (max_rows, max_text, caption_channels)),
             "encoder_attention_mask": ((1, 1), (2, t_opt), (max_rows, max_text)),
-            "pos_embed": ((1, tokens[0], inner_dim), (1, square[0] * square[1] // patch_size**2, inner_dim),
-                          (1, tokens[-1], inner_dim)),
-        },
-        "text_encoder": {
+            "pos_embed": ((1, tokens, inner_dim),) * 3,
+        })
+    square = min(sides, key=lambda s: abs(s[0] - s[1]))
+    low = (1, latent_channels, min(h for h, _ in sides), min(w for _, w in sides))
+    high = (1, latent_channels, max(h for h, _ in sides), max(w for _, w in sides))
+    return {
+        "transformer": transformer,
+        "text_encoder": [{
             "input_ids": ((1, 1), (2, t_opt), (max_rows, max_text)),
             "attention_mask": ((1, 1), (2, t_opt), (max_rows, max_text)),
-        },
-        "vae_decoder": {
-            "latents": ((1, latent_channels, h_min, w_min), (1, latent_channels, *square),
-                        (1, latent_channels, h_max, w_max)),
-        },
+        }],
+        "vae_decoder": [{"latents": (low, (1, latent_channels, *square), high)}],
     }
 
 
-def _profile_string(profile: Mapping[str, tuple[Shape, Shape, Shape]], which: int) -> str:
-    return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[which])}" for name, shapes in profile.items())
+def _profile_string(profiles: list[Profile], which: int) -> str:
+    """TensorRT's "input:dxd...,input:dxd..." list; an input named again starts the next profile."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[which])}"
+                    for profile in profiles for name, shapes in profile.items())
 
 
 def provider_options(provider: str, graph: str, acceleration: Acceleration,
-                     profiles: Mapping[str, Mapping[str, tuple[Shape, Shape, Shape]]] | None = None) -> dict[str, str]:
+                     profiles: Mapping[str, list[Profile]] | None = None, memory_arena: bool = True
+                     ) -> dict[str, str]:
     """The options of `provider` for `graph` ("text_encoder", "transformer", "vae_decoder", ...)."""
     a = acceleration
     if provider == CUDA:
-        options = {"device_id": str(a.device_id), "cudnn_conv_algo_search": "EXHAUSTIVE",
+        # HEURISTIC: an exhaustive search runs again for every new input shape, i.e. for each bin the VAE meets
+        options = {"device_id": str(a.device_id), "cudnn_conv_algo_search": "HEURISTIC",
                    "do_copy_in_default_stream": "1"}
+        if not memory_arena:  # allocate what a run asks for, not the next power of two; shrunk after each run
+            options["arena_extend_strategy"] = "kSameAsRequested"
         if a.cuda_graphs and graph == "transformer":
             options["enable_cuda_graph"] = "1"
         return options
@@ -101,7 +116,9 @@ def provider_options(provider: str, graph: str, acceleration: Acceleration,
         cache = str(a.cache_dir) if a.cache_dir else "trt-cache"
         options = {
             "device_id": str(a.device_id),
-            "trt_fp16_enable": "1" if a.tensorrt_fp16 else "0",
+            # fp16 for the transformer only: T5 and the VAE keep fp32 islands (layer norms, attention softmax)
+            # that fp16 everywhere would undo, and they overflow without them
+            "trt_fp16_enable": "1" if a.tensorrt_fp16 and graph == "transformer" else "0",
             "trt_engine_cache_enable": "1",
             "trt_engine_cache_path": cache,
             "trt_engine_cache_prefix": graph,
@@ -120,12 +137,24 @@ def provider_options(provider: str, graph: str, acceleration: Acceleration,
     return {}
 
 
-def session_options(intra_op_threads: int = 0, memory_arena: bool = True) -> ort.SessionOptions:
+def shrink_after_runs(session: ort.InferenceSession, device_id: int = 0) -> ort.RunOptions | None:
+    """Run options that hand a GPU session's arena back after each run (memory plans without an arena), or None on
+    the CPU, where `memory_arena=False` already frees per run."""
+    if device_of(session) == "cpu":
+        return None
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{device_id}")
+    return options
+
+
+def session_options(intra_op_threads: int = 0, memory_arena: bool = True, on_gpu: bool = False) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.enable_cpu_mem_arena = memory_arena
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = intra_op_threads
     so.log_severity_level = 3
+    if on_gpu:  # the CPU threads of a GPU session only launch kernels: spinning would take cores from the host side
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
@@ -137,7 +166,7 @@ def create_session(
     *,
     graph: str = "",
     acceleration: Acceleration | None = None,
-    profiles: Mapping[str, Mapping[str, tuple[Shape, Shape, Shape]]] | None = None,
+    profiles: Mapping[str, list[Profile]] | None = None,
 ) -> ort.InferenceSession:
     """`memory_arena=False` hands each buffer back after use instead of keeping the run's peak for the next run."""
     providers = tuple(providers or default_providers())
@@ -145,8 +174,8 @@ def create_session(
     if asked != CPU:
         require(asked)  # refuse now, naming what is missing, rather than fall back to the CPU in silence
     acceleration = acceleration or Acceleration(cache_dir=Path(path).parent / "trt-cache")
-    options = session_options(intra_op_threads, memory_arena)
-    with_options = [(p, provider_options(p, graph, acceleration, profiles)) for p in providers]
+    options = session_options(intra_op_threads, memory_arena, on_gpu=asked != CPU)
+    with_options = [(p, provider_options(p, graph, acceleration, profiles, memory_arena)) for p in providers]
     session = ort.InferenceSession(str(path), options, providers=with_options)
     used = session.get_providers()
     if used[0] != asked:

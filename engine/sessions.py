@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from engine.binding import BoundSession
 from engine.manifest import Manifest
-from engine.runtime import Acceleration, Shape, create_session, device_of
+from engine.runtime import Acceleration, Profile, create_session, device_of
 from engine.safety import SafetyChecker
 
 CPU_ONLY = ["CPUExecutionProvider"]
@@ -27,7 +27,7 @@ class GraphOpener:
         providers: list[str] | tuple[str, ...] | None,
         intra_op_threads: int,
         acceleration: Acceleration,
-        profiles: Mapping[str, Mapping[str, tuple[Shape, Shape, Shape]]],
+        profiles: Mapping[str, list[Profile]],
     ):
         self.files, self.providers, self.intra_op_threads = files, providers, intra_op_threads
         self.acceleration, self.profiles = acceleration, profiles
@@ -44,7 +44,8 @@ class GraphOpener:
 
 
 def bind_transformer(
-    transformer: ort.InferenceSession, io_binding: bool | None, acceleration: Acceleration
+    transformer: ort.InferenceSession, io_binding: bool | None, acceleration: Acceleration,
+    run_options: ort.RunOptions | None = None,
 ) -> BoundSession | None:
     """The transformer with its inputs and output in device buffers, or None where it runs plain: IO binding is on
     when asked, or by default on a GPU; CUDA graphs need it (and a GPU)."""
@@ -54,7 +55,8 @@ def bind_transformer(
     use_binding = (device != "cpu") if io_binding is None else io_binding
     if not (use_binding or acceleration.cuda_graphs):
         return None
-    return BoundSession(transformer, device, acceleration.device_id, acceleration.cuda_graphs)
+    shrink = run_options is not None and not acceleration.cuda_graphs  # a captured graph keeps its memory
+    return BoundSession(transformer, device, acceleration.device_id, acceleration.cuda_graphs, shrink=shrink)
 
 
 def open_safety_checker(

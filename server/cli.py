@@ -54,8 +54,21 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     explicit = {"variant": config.variant, "intra_op_threads": config.intra_op_threads,
                 "text_cache_dir": config.text_cache_dir, "flagged_images": config.flagged_images,
                 "text_cache_mb": config.text_cache_mb}
-    config.engine_options = {**memory_options(config), **{k: v for k, v in explicit.items() if v is not None}}
+    config.engine_options = {**memory_options(config), **{k: v for k, v in explicit.items() if v is not None},
+                             **gpu_options(config.engine, config.max_batch_images, config.cuda_graphs,
+                                           config.trt_cache_dir)}
     return config
+
+
+def gpu_options(export: str, max_batch_images: int, cuda_graphs: bool, trt_cache_dir: str | None
+                ) -> dict[str, Any]:
+    """The engine options that decide which TensorRT engines and CUDA graphs are built: the same for `pixart serve`
+    and `pixart build-engines`, so that what the second builds is what the first asks for."""
+    from engine.runtime import Acceleration, step_rows
+
+    cache = Path(trt_cache_dir) if trt_cache_dir else Path(export) / "trt-cache"
+    return {"max_rows": step_rows(max_batch_images),
+            "acceleration": Acceleration(cuda_graphs=cuda_graphs, cache_dir=cache)}
 
 
 def memory_options(config: ServerConfig) -> dict[str, Any]:

@@ -120,6 +120,11 @@ class ServerConfig:
     tls_key: str | None = _setting(None, "PEM private key")
     grace_s: float = _setting(30.0, "seconds running work may take to finish after SIGTERM", flag="--grace")
     providers: list[str] | None = _setting(None, "comma-separated ONNX Runtime providers", kind=comma_list)
+    cuda_graphs: bool = _setting(False, "capture the transformer's steps as CUDA graphs (CUDA or TensorRT provider; "
+                                 "rows and text are padded to a few shapes, captured at warm-up)")
+    trt_cache_dir: str | None = _setting(
+        None, "where TensorRT keeps its engines and timing cache (default <engine>/trt-cache): a writable folder, "
+        "which `pixart build-engines --cache-dir` fills ahead of time")
     warmup: bool = _setting(True, "skip the warm-up generation before serving", flag="--no-warmup", negate=True)
     port_file: str | None = _setting(None, "write {port, http_port} as JSON here once serving (useful with port 0)")
     log_level: str = _setting("INFO", "log level")
@@ -159,6 +164,8 @@ def _from_env(f: Any) -> Any:
         if value:
             if f.metadata.get("negate"):
                 return value.strip().lower() not in ("1", "true", "yes", "on")
+            if f.default is False:
+                return value.strip().lower() in ("1", "true", "yes", "on")
             if f.default_factory is list:
                 return comma_list(value)
             return _kind(f)(value)
@@ -176,6 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 kw[key] = meta[key]
         if meta.get("negate"):
             parser.add_argument(*names, action="store_false", default=True if env is MISSING else env, **kw)
+        elif f.default is False:
+            parser.add_argument(*names, action="store_true", default=False if env is MISSING else env, **kw)
         elif f.default_factory is list:
             parser.add_argument(*names, action="append", default=[] if env is MISSING else env, **kw)
         else:

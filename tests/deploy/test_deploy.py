@@ -83,9 +83,13 @@ def test_the_deployment_probes_health_requests_a_gpu_and_reads_the_dsn_from_a_se
     assert pod["terminationGracePeriodSeconds"] >= float(env["PIXART_GRACE"]["value"]) + 10
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["results"] == env["PIXART_RESULTS"]["value"]
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}
     assert k8s[f"PersistentVolumeClaim/{claims['results']}"]["spec"]["accessModes"] == ["ReadWriteMany"]
     assert env["PIXART_ENGINE"]["value"].startswith(mounts["models"])
+    # TensorRT writes its engines and timing cache: a writable mount, not the read-only model volume
+    writable = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
+    assert any(env["PIXART_TRT_CACHE_DIR"]["value"].startswith(path + "/") for path in writable)
     labels = k8s["Deployment/pixart"]["spec"]["template"]["metadata"]["labels"]
     service = k8s["Service/pixart"]["spec"]
     assert service["selector"].items() <= labels.items()

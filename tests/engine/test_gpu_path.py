@@ -61,6 +61,100 @@ def test_io_bound_loop_with_requests_joining(engine, bound_engine):
             np.testing.assert_array_equal(pixels(a), pixels(b))
 
 
+def test_graph_shapes_are_a_few_buckets() -> None:
+    from engine.binding import graph_shape, pad_conditioning
+
+    assert [graph_shape(rows, 32)[0] for rows in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+    assert [graph_shape(2, length)[1] for length in (32, 64, 96, 160, 300)] == [32, 64, 128, 300, 300]
+    context, mask = np.ones((3, 96, 4), np.float32), np.ones((3, 96), np.int64)
+    padded_context, padded_mask = pad_conditioning(context, mask)
+    assert padded_context.shape == (4, 128, 4) and padded_mask.shape == (4, 128)
+    assert padded_mask[:3, :96].all() and not padded_mask[3].any() and not padded_mask[:, 96:].any()
+    np.testing.assert_array_equal(padded_context[:3, :96], context)
+
+
+def test_rows_and_text_padded_for_captured_graphs_give_the_same_images(engine, default_export):
+    """With CUDA graphs the engine pads rows and text to a few shapes (so continuous batching captures a bounded
+    number of graphs); on the CPU the same padding runs through IO binding, and every request's image is the one
+    it gets alone, in the plain engine, bit for bit."""
+    from engine import Engine
+    from tests.engine.test_continuous import LONG_PROMPT, SCHEDULES, companions, run_schedule
+
+    padded = Engine.load(default_export, io_binding=True)
+    padded.graph_shapes = True  # what Acceleration(cuda_graphs=True) turns on; the CPU cannot capture graphs
+    subject = GenerationRequest(prompt=LONG_PROMPT, seed=5, num_inference_steps=6, image_size=(256, 256))
+    everyone = [subject, *companions((256, 256), "SA-SOLVER")]
+    for name in ("all at step 0", "joins at step k"):
+        plain = run_schedule(engine, everyone, SCHEDULES[name])
+        for a, b in zip(plain, run_schedule(padded, everyone, SCHEDULES[name]), strict=True):
+            np.testing.assert_array_equal(pixels(a), pixels(b))
+    shapes = set(padded.bound_transformer.slots)
+    rows = {dict((n, shape) for n, shape, _ in key)["latents"][0] for key in shapes}
+    texts = {dict((n, shape) for n, shape, _ in key)["encoder_attention_mask"][1] for key in shapes}
+    assert rows <= {1, 2, 4, 8, 16} and texts <= {32, 64, 128, 300}
+
+
+def test_warm_up_makes_the_default_bins_graphs_for_every_row_bucket(default_export):
+    from engine import Engine
+
+    padded = Engine.load(default_export, io_binding=True, max_rows=8)
+    padded.graph_shapes = True
+    padded.warmup()
+    made = {dict((n, shape) for n, shape, _ in key)["latents"] for key in padded.bound_transformer.slots}
+    h, w = (side // 8 for side in padded.binned_size(GenerationRequest(prompt="the default size")))
+    assert {(rows, 4, h, w) for rows in (1, 2, 4, 8)} <= made
+    assert all(slot.runs >= 3 for slot in padded.bound_transformer.slots.values())  # past their capture
+
+
+def test_groups_stepped_in_turn_send_their_text_once(default_export):
+    from engine import Engine
+
+    bound = Engine.load(default_export, io_binding=True)
+    square = bound.prepare(GenerationRequest(prompt="a square", seed=1, num_inference_steps=5, image_size=(256, 256)))
+    wide = bound.prepare(GenerationRequest(prompt="a wide one", seed=2, num_inference_steps=5, image_size=(448, 256)))
+    bound.step([square])
+    bound.step([wide])  # each group's first step: latents, timesteps, text, mask and positions go up
+    before = bound.bound_transformer.uploads
+    for _ in range(3):
+        bound.step([square])
+        bound.step([wide])
+    assert bound.bound_transformer.uploads - before == 3 * 2 * 2  # per step: latents and timesteps only
+
+
+class RecordingSession:
+    """The parts of an InferenceSession a BoundSession calls, recording the captured graphs released."""
+
+    def __init__(self):
+        self.released: list[int] = []
+
+    def get_outputs(self):
+        return [type("Output", (), {"name": "noise_pred"})()]
+
+    def io_binding(self):
+        return type("Binding", (), {"bind_ortvalue_input": lambda *a: None,
+                                    "bind_ortvalue_output": lambda *a: None})()
+
+    def run_with_iobinding(self, binding, options):
+        pass
+
+    def release_captured_graph(self, graph_id: int) -> None:
+        self.released.append(graph_id)
+
+
+def test_slots_stay_within_their_device_memory_and_evicted_graphs_are_released() -> None:
+    from engine.binding import BoundSession
+
+    session = RecordingSession()
+    row = (64 + 32) * 4  # each slot: 64 input floats and 32 output floats per row
+    bound = BoundSession(session, cuda_graphs=True, max_bytes=6 * row)
+    for rows in (1, 2, 3, 1, 4):  # 1 + 2 + 3 rows fill the budget; 1 is used again; 4 needs 2 and 3 out
+        bound.run({"latents": np.zeros((rows, 64), np.float32)}, (rows, 32))
+    assert [slot.graph_id for slot in bound.slots.values()] == [1, 4] and bound.nbytes == 5 * row
+    assert session.released == [2, 3]  # least recently used out, each with its captured graph
+    bound.close()
+    assert session.released == [2, 3, 1, 4] and not bound.slots
+
+
 def _library_strings(name: str) -> set[str]:
     capi = Path(ort.__file__).parent / "capi"
     library = capi / f"libonnxruntime_providers_{name}.so"
@@ -70,23 +164,33 @@ def _library_strings(name: str) -> set[str]:
 
 
 def test_provider_options_are_names_the_providers_parse(default_export):
-    profiles = {"transformer": {"latents": ((1, 4, 16, 16), (2, 4, 32, 32), (8, 4, 64, 64))}}
+    profiles = {"transformer": [{"latents": ((1, 4, 16, 16), (2, 4, 16, 16), (8, 4, 16, 16))},
+                                {"latents": ((1, 4, 32, 32), (2, 4, 32, 32), (8, 4, 32, 32))}]}
     acceleration = Acceleration(cuda_graphs=True, cache_dir=Path("/tmp/cache"))
     for provider, library in ((CUDA, "cuda"), (TENSORRT, "tensorrt")):
         known = {s.decode() for s in _library_strings(library)}
         for graph in ("text_encoder", "transformer", "vae_decoder"):
-            options = provider_options(provider, graph, acceleration, profiles)
-            unknown = set(options) - known
-            assert not unknown, (provider, unknown)
+            for memory_arena in (True, False):
+                options = provider_options(provider, graph, acceleration, profiles, memory_arena)
+                unknown = set(options) - known
+                assert not unknown, (provider, unknown)
     trt = provider_options(TENSORRT, "transformer", acceleration, profiles)
-    assert trt["trt_profile_opt_shapes"] == "latents:2x4x32x32" and trt["trt_cuda_graph_enable"] == "1"
+    # two profiles: an input named again starts the next one
+    assert trt["trt_profile_opt_shapes"] == "latents:2x4x16x16,latents:2x4x32x32"
+    assert trt["trt_cuda_graph_enable"] == "1"
     assert trt["trt_engine_cache_path"] == trt["trt_timing_cache_path"] == "/tmp/cache"
-    assert provider_options(CUDA, "transformer", acceleration)["enable_cuda_graph"] == "1"
+    # fp16 for the transformer only: T5 and the VAE keep the fp32 islands that keep them finite
+    assert [provider_options(TENSORRT, g, acceleration)["trt_fp16_enable"]
+            for g in ("transformer", "text_encoder", "vae_decoder")] == ["1", "0", "0"]
+    cuda = provider_options(CUDA, "transformer", acceleration)
+    assert cuda["enable_cuda_graph"] == "1" and cuda["cudnn_conv_algo_search"] == "HEURISTIC"
     assert "enable_cuda_graph" not in provider_options(CUDA, "vae_decoder", acceleration)
+    assert provider_options(CUDA, "vae_decoder", acceleration, memory_arena=False)["arena_extend_strategy"] == \
+        "kSameAsRequested"
     assert provider_options("CPUExecutionProvider", "transformer", acceleration) == {}
 
 
-def test_tensorrt_profiles_cover_every_bin_and_batch(engine):
+def test_tensorrt_profiles_cover_every_bin_and_batch_without_contradiction(engine):
     profiles = shape_profiles(engine.bins, max_rows=8, latent_channels=4, vae_scale=8, patch_size=2,
                               inner_dim=engine.inner_dim, caption_channels=48, max_text=300)
 
@@ -94,17 +198,40 @@ def test_tensorrt_profiles_cover_every_bin_and_batch(engine):
         low, _, high = bounds
         return all(lo <= s <= hi for lo, s, hi in zip(low, shape, high, strict=True))
 
-    tr, vae = profiles["transformer"], profiles["vae_decoder"]
+    tr, (vae,) = profiles["transformer"], profiles["vae_decoder"]
+    assert len(tr) == len({tuple(side) for side in engine.bins.values()})  # one per bin
     for h, w in engine.bins.values():
         for rows in (1, 2, 8):
-            assert within((rows, 4, h // 8, w // 8), tr["latents"])
-            assert within((1, (h // 16) * (w // 16), engine.inner_dim), tr["pos_embed"])
+            for length in (1, 32, 300):
+                shapes = {"latents": (rows, 4, h // 8, w // 8), "timestep": (rows,),
+                          "encoder_hidden_states": (rows, length, 48), "encoder_attention_mask": (rows, length),
+                          "pos_embed": (1, (h // 16) * (w // 16), engine.inner_dim)}
+                assert any(all(within(shape, p[name]) for name, shape in shapes.items()) for p in tr), (h, w)
         assert within((1, 4, h // 8, w // 8), vae["latents"])
-    for length in (1, 32, 300):
-        assert within((8, length, 48), tr["encoder_hidden_states"])
-        assert within((8, length), tr["encoder_attention_mask"])
-    for bounds in [*tr.values(), *vae.values()]:
-        assert within(bounds[1], bounds)  # opt lies inside [min, max]
+    for profile in tr:  # latents and positions agree on the tokens at min, opt and max
+        for which in range(3):
+            _, _, lh, lw = profile["latents"][which]
+            assert profile["pos_embed"][which][1] == (lh // 2) * (lw // 2)
+        assert all(within(bounds[1], bounds) for bounds in profile.values())  # opt inside [min, max]
+
+
+def test_build_engines_builds_what_serve_asks_for(default_export, tmp_path):
+    """The same rows, variant, CUDA graphs and cache folder from `pixart serve` and `pixart build-engines`, so that
+    the engines built ahead of time are the ones serve loads (TensorRT keys its cache on them)."""
+    from engine.manifest import Manifest
+    from pixart_cli import build_parser
+    from server.cli import config_from_args, gpu_options
+
+    parser = build_parser()
+    serve = config_from_args(parser.parse_args(["serve", "--engine", str(default_export), "--store",
+                                                str(tmp_path / "store"), "--trt-cache-dir", "/cache/trt"]))
+    build = parser.parse_args(["build-engines", "--engine", str(default_export), "--cache-dir", "/cache/trt"])
+
+    assert gpu_options(str(build.engine), build.max_batch_images, build.cuda_graphs, build.cache_dir) == {
+        k: serve.engine_options[k] for k in ("max_rows", "acceleration")}
+    assert serve.engine_options["max_rows"] == 8 and build.variant == "fp32"
+
+    assert Manifest.load(default_export).files(provider=TENSORRT)[0] == build.variant  # serve's default there too
 
 
 def test_cuda_graphs_are_refused_on_the_cpu(default_export):
@@ -126,3 +253,22 @@ def test_build_engines_says_what_it_needs_on_a_machine_without_tensorrt(default_
     done = subprocess.run([sys.executable, str(root / "pixart_cli.py"), "build-engines", "--engine",
                            str(default_export)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "TensorRT provider" in done.stderr
+
+
+def test_the_default_graph_set_follows_the_provider(default_export, tmp_path):
+    """fp16 on CUDA where exported (fp32 attention cannot use flash attention), the plain graphs on TensorRT (which
+    makes its own), the fused ones on the CPU."""
+    import json
+    import shutil
+
+    from engine.manifest import Manifest
+
+    export = tmp_path / "export"
+    shutil.copytree(default_export, export)
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert Manifest.load(export).files(provider=CUDA)[0] == "optimized"  # no fp16 graphs in this export
+    manifest["variants"]["fp16"] = dict(manifest["variants"]["optimized"])  # stand-ins: existing files
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    chosen = {p: Manifest.load(export).files(provider=p)[0] for p in (CUDA, TENSORRT, "CPUExecutionProvider")}
+    assert chosen == {CUDA: "fp16", TENSORRT: "fp32", "CPUExecutionProvider": "optimized"}
+    assert Manifest.load(export).files("fp32", provider=CUDA)[0] == "fp32"  # asked for by name: that one
