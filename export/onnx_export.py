@@ -227,22 +227,27 @@ def export_half(c: dict, out: Path, name: str, text_encoder: Path | None = None
     """Export `name` ("fp16" or "bf16") text encoder and transformer; return their files and what each holds
     (export.precision says what stays fp32 and why).
     `text_encoder`: a graph of this precision already exported (the plain one), used instead of a second copy."""
-    dtype = HALF[name]
     files: dict[str, Path] = {}
     notes = {"text_encoder": "fp32", "vae_decoder": "fp32"}
     if name in T5_HALF:
         files["text_encoder"] = text_encoder or export_text_encoder(
             c["text_encoder"], out / f"text_encoder.{name}.onnx", precision=name)
         notes["text_encoder"] = f"{name}; feed-forward output projections and the residual stream fp32"
-    # The patch embedding is a Conv, which ONNX (opset 18) does not define for bf16: it stays fp32 in that variant.
-    transformer = half_copy(c["transformer"], dtype, ("pos_embed.proj",) if name == "bf16" else ())
-    files["transformer"] = export_transformer(transformer, out / f"transformer.{name}.onnx")
-    notes["transformer"] = f"{name}; timestep embedding fp32"
-    if name == "fp16":  # the CUDA provider's fp16 path: its fused attention (flash) keeps no token x token scores
-        heads = int(c["transformer"].config.num_attention_heads)
-        fuse_attention_file(files["transformer"], files["transformer"], heads)
-        notes["transformer"] += FUSED_NOTE
+    files["transformer"] = export_half_transformer(c["transformer"], out / f"transformer.{name}.onnx", name)
+    notes["transformer"] = f"{name}; timestep embedding fp32" + (FUSED_NOTE if name == "fp16" else "")
     return files, notes
+
+
+def export_half_transformer(transformer: torch.nn.Module, path: Path, name: str = "fp16",
+                            latent_hw: tuple[int, int] = (16, 24)) -> Path:
+    """The transformer in `name` ("fp16" or "bf16") with its fp32 islands; fp16's self-attention fused."""
+    dtype = HALF[name]
+    # The patch embedding is a Conv, which ONNX (opset 18) does not define for bf16: it stays fp32 in that variant.
+    half = half_copy(transformer, dtype, ("pos_embed.proj",) if name == "bf16" else ())
+    export_transformer(half, path, latent_hw)
+    if name == "fp16":  # the CUDA provider's fp16 path: its fused attention (flash) keeps no token x token scores
+        fuse_attention_file(path, path, int(transformer.config.num_attention_heads))
+    return path
 
 
 def add_variants(export_dir: str | Path, *, quantize_transformer: bool = False) -> dict[str, str]:

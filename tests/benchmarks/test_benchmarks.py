@@ -85,3 +85,34 @@ def test_gpu_benchmark_script_runs_end_to_end_on_cpu(small_export, tmp_path):
     psnrs = {c["variant"]: c["psnr_db"] for c in report["comparisons"]}
     assert psnrs["engine_fp16"] > 30 and psnrs["engine_fp16_iobinding"] == psnrs["engine_fp16"]
     assert "| eager |" in done.stdout  # the table, printed last
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_first_run_script_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/gpu_first_run.sh as it runs on the GPU machine, on the CPU: every section is measured, and what
+    needs CUDA is skipped with its reason."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path), PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_first_run.sh")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=550)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-first-run-cpu.json").read_text())
+    assert set(report["skipped"]) == {"cuda_graphs", "eager_fp16", "device_memory"}
+    for name in ("fp32", "fp16", "vae"):
+        placed = report["placement"][name]
+        assert placed["providers"][0] == "CPUExecutionProvider" and placed["memcpy_nodes"] == 0
+    shapes = [(s["side"], s["rows"]) for s in report["steps"]]
+    assert shapes == [(256, 2), (256, 4), (128, 2)]
+    for step in report["steps"]:
+        assert {"engine_fp32", "engine_fp16", "eager_fp32"} == set(step) - {"side", "rows"}
+        assert all(step[k]["median_ms"] > 0 for k in ("engine_fp32", "engine_fp16", "eager_fp32"))
+    assert all(set(h["update_ms"]) == {"DPM-SOLVER", "SA-SOLVER"} for h in report["host"])
+    assert report["precision"]["finite"] and report["precision"]["cosine"] > 0.999
+    assert report["vae"]["finite"] and report["vae"]["side"] == 256
+    assert "| 256² rows 2 |" in done.stdout  # the table, printed last
