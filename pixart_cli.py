@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-transformer", action="store_true",
                    help="also write the fp16 transformer with int8 weight-only MatMuls (variant fp16-int8; needs "
                         "--precision fp16)")
-    p.add_argument("--quantize-text-encoder", default="", metavar="int4,int8",
-                   help="also write T5 with block-wise weight-only quantized MatMuls (variants int4 / int8): "
-                        "T5-XXL in 2.9 / 5.2 GB instead of 19; quantized block by block, in bounded memory")
+    p.add_argument("--quantize-text-encoder", default="", metavar="int4,int8,int4-fp16,int8-fp16",
+                   help="also write T5 with block-wise weight-only quantized MatMuls (variants of those names): "
+                        "T5-XXL in 2.9 / 5.2 GB instead of 19; int4/int8 keep fp32 activations (the CPU's fast "
+                        "path), int4-fp16/int8-fp16 fp16 ones (CUDA's); quantized block by block, in bounded memory")
     p.add_argument("--safety-checker", nargs="?", const="default", default=None, metavar="MODEL",
                    help="export a StableDiffusionSafetyChecker too (e.g. CompVis/stable-diffusion-safety-checker); "
                    "without MODEL, the embedded tiny random-weight one")

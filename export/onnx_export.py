@@ -133,12 +133,13 @@ def export_model(
     variants, fusions = make_variants(c, files, out, optimize, int8, advance)
     precision_notes = {}
     for name in quantize_text_encoder:
-        q = QUANTIZATIONS[name]
+        q, activations = quantized_text_encoder(name)
         variants.setdefault(name, {})["text_encoder"] = export_text_encoder(
-            c["text_encoder"], out / f"text_encoder.{name}.onnx", quantization=q)
+            c["text_encoder"], out / f"text_encoder.{name}.onnx", precision=activations, quantization=q)
         precision_notes.setdefault(name, {})["text_encoder"] = (
-            f"MatMul weights int{q.bits}, blocks of {q.block_size}, symmetric; accuracy level {q.accuracy_level}; "
-            "the rest fp32")
+            f"MatMul weights int{q.bits}, blocks of {q.block_size}, symmetric; " + (
+                f"accuracy level {q.accuracy_level} (the CPU kernel's); the rest fp32" if activations == "fp32" else
+                "fp16 activations (the CUDA kernel's fast path); feed-forward output projections fp32"))
         advance(f"T5 {name}")
     for name in precisions:
         reuse = files["text_encoder"] if text_encoder_precision == name else None
@@ -176,9 +177,18 @@ def check_options(precisions: tuple[str, ...] | list[str] = (), quantize_text_en
         raise ValueError(f"precisions: {unknown} are not among {sorted(HALF)} (fp32 is always exported)")
     if quantize_transformer and "fp16" not in precisions:
         raise ValueError("quantize_transformer: quantizes the fp16 transformer; add \"fp16\" to precisions")
-    unknown = [q for q in quantize_text_encoder if q not in QUANTIZATIONS]
+    known = [*QUANTIZATIONS, *(f"{q}-fp16" for q in QUANTIZATIONS)]
+    unknown = [q for q in quantize_text_encoder if q not in known]
     if unknown:
-        raise ValueError(f"quantize_text_encoder: {unknown} are not among {sorted(QUANTIZATIONS)}")
+        raise ValueError(f"quantize_text_encoder: {unknown} are not among {known}")
+
+
+def quantized_text_encoder(name: str) -> tuple[WeightOnly, str]:
+    """(the weights' quantization, the activations' precision) of a quantized T5 variant: "int8" keeps fp32
+    activations (the CPU's MatMulNBits multiplies in int8 at `accuracy_level` 4); "int8-fp16" has fp16 ones, which
+    CUDA's MatMulNBits needs for its fast path (with fp32 activations it dequantizes the weights and multiplies)."""
+    bits, _, activations = name.partition("-")
+    return QUANTIZATIONS[bits], activations or "fp32"
 
 
 def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, int8: bool, advance) -> tuple[dict, dict]:

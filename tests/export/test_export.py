@@ -336,3 +336,31 @@ def test_no_float_of_the_transformer_depends_on_a_shape(default_export, componen
         patch.setattr(graph_module, "explicit_attention_scale", contextlib.nullcontext)
         computed = graph_module.export_transformer(components["transformer"], tmp_path / "computed_scale.onnx")
     assert len(shape_derived_floats(computed)) == 2 * TRANSFORMER_CONFIG["num_layers"]  # self- and cross-attention
+
+
+def test_quantized_t5_for_cuda_keeps_fp16_activations(default_checkpoint, tmp_path):
+    """The int8-fp16 T5: MatMulNBits weights with fp16 activations (CUDA's fast path; with fp32 activations it
+    dequantizes and multiplies), the feed-forward output projections still fp32, close to the fp16 T5."""
+    import onnx
+
+    from export.graphs.text_encoder import export_text_encoder
+    from export.onnx_export import check_options, quantized_text_encoder
+    from export.optimize import QUANTIZATIONS
+
+    check_options(quantize_text_encoder=["int4", "int8-fp16"])
+    with pytest.raises(ValueError, match="int16"):
+        check_options(quantize_text_encoder=["int16"])
+    q, activations = quantized_text_encoder("int8-fp16")
+    assert (q.bits, activations) == (8, "fp16") and quantized_text_encoder("int4") == (QUANTIZATIONS["int4"], "fp32")
+    source = default_checkpoint / "text_encoder"
+    half = export_text_encoder(source, tmp_path / "fp16.onnx", precision="fp16")
+    quantized = export_text_encoder(source, tmp_path / "int8-fp16.onnx", precision=activations, quantization=q)
+    model = onnx.load(str(quantized))
+    initializers = {t.name: t.data_type for t in model.graph.initializer}
+    scales = [initializers[n.input[2]] for n in model.graph.node if n.op_type == "MatMulNBits"]
+    layers = json.loads((source / "config.json").read_text())["num_layers"]
+    assert scales.count(onnx.TensorProto.FLOAT16) > 0 and scales.count(onnx.TensorProto.FLOAT) == layers  # wo
+    ids = np.array([[5, 7, 9, 11, 1]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    a, b = (_session(path).run(None, feeds)[0] for path in (half, quantized))
+    assert np.isfinite(b).all() and float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999
