@@ -70,9 +70,9 @@ class CountingSession:
     def __init__(self, session):
         self.session, self.batches = session, []
 
-    def run(self, names, feeds):
+    def run(self, names, feeds, run_options=None):
         self.batches.append(feeds["latents"].shape[0])
-        return self.session.run(names, feeds)
+        return self.session.run(names, feeds, run_options)
 
 
 def test_guidance_at_most_one_skips_the_unconditional_half(engine, monkeypatch):
