@@ -13,13 +13,17 @@ alpha ~ 0.006, so one ulp of difference in sigma becomes ~1e-5 in x0 (tests/engi
 is reached).
 
 Everything applied to a sample is elementwise with per-step scalar coefficients, so row i of a batched call equals the
-same row computed alone, whatever else shares the batch.
+same row computed alone, whatever else shares the batch. So a step is written as a `StepPlan`: each array it makes
+(the data prediction, SA-Solver's corrected sample, the next sample, the arrays kept for later steps) is a weighted
+sum of a few arrays, with float64 weights computed on the host. `apply_plan` evaluates a plan in numpy; the
+engine's device step (engine/step_graph.py) evaluates the same weights on the device.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -112,17 +116,62 @@ def alpha_sigma_lambda(s: float) -> tuple[float, float, float]:
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
+Terms = tuple[tuple[str, float], ...]  # (array name, weight): the array is their weighted sum
+# What a step starts from: the sample, the model output (guided, its prediction half), this step's fresh noise...
+INPUTS = ("x", "model", "noise")
+# ...and what samplers keep between steps: the last data predictions, newest first (SA-Solver's orders go up to 4),
+# and SA-Solver's corrector inputs
+SLOTS = ("x0_1", "x0_2", "x0_3", "x0_4", "last_sample", "last_noise")
+SOURCES = INPUTS + SLOTS
 
-def data_prediction(model_output: np.ndarray, sample: np.ndarray, s: float, prediction_type: str) -> np.ndarray:
-    """The clean latent x0 the model output implies: both solvers integrate the data-prediction form (DPM-Solver++
-    Sec. 3). epsilon: x0 = (x - sigma eps) / alpha; v (Salimans & Ho 2022, v = alpha eps - sigma x0):
-    x0 = alpha x - sigma v; sample: the output is x0. PixArt-Σ checkpoints are epsilon."""
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step as weighted sums, in order: each of `values` names an array made from the sources and the values
+    before it; "next" is the step's result; `keep` says which array each slot holds afterwards (a slot left out is
+    emptied)."""
+
+    values: tuple[tuple[str, Terms], ...]
+    keep: tuple[tuple[str, str], ...]
+
+    def flat(self) -> dict[str, dict[str, float]]:
+        """"next" and each kept slot as one weighted sum of SOURCES (the values substituted): what a device
+        evaluates in one contraction."""
+        known: dict[str, dict[str, float]] = {name: {name: 1.0} for name in SOURCES}
+        for name, terms in self.values:
+            combined: dict[str, float] = {}
+            for source, weight in terms:
+                for base, w in known[source].items():
+                    combined[base] = combined.get(base, 0.0) + weight * w
+            known[name] = combined
+        return {"next": known["next"], **{slot: known[source] for slot, source in self.keep}}
+
+
+def apply_plan(plan: StepPlan, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(the next sample in float32, the state after the step in float64) from float64 `arrays` (SOURCES present).
+    Each output is its weighted sum of sources in SOURCES order, so the device step computes the same thing."""
+    outputs = {}
+    for name, weights in plan.flat().items():
+        total = None
+        for source in SOURCES:
+            weight = weights.get(source, 0.0)
+            if weight != 0.0:
+                term = weight * arrays[source]
+                total = term if total is None else total + term
+        outputs[name] = total if total is not None else np.zeros_like(arrays["x"])
+    return outputs.pop("next").astype(np.float32), outputs
+
+
+def data_terms(s: float, prediction_type: str) -> Terms:
+    """The clean latent x0 the model output implies, as weights of the sample and the model output: both solvers
+    integrate the data-prediction form (DPM-Solver++ Sec. 3). epsilon: x0 = (x - sigma eps) / alpha; v (Salimans &
+    Ho 2022, v = alpha eps - sigma x0): x0 = alpha x - sigma v; sample: the output is x0. PixArt-Σ is epsilon."""
     alpha, sigma, _ = alpha_sigma_lambda(s)
     if prediction_type == "v_prediction":
-        return alpha * sample - sigma * model_output
+        return (("x", alpha), ("model", -sigma))
     if prediction_type == "sample":
-        return model_output
-    return (sample - sigma * model_output) / alpha
+        return (("model", 1.0),)
+    return (("x", 1.0 / alpha), ("model", -sigma / alpha))
 
 
 class Scheduler:
@@ -155,7 +204,8 @@ class Scheduler:
         raise NotImplementedError
 
     def _reset(self) -> None:
-        raise NotImplementedError
+        """Forget the arrays and counters of the steps taken (the state a new request starts from)."""
+        self.state: dict[str, np.ndarray] = {}
 
     def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
         if int(num_inference_steps) < 1:
@@ -184,5 +234,23 @@ class Scheduler:
             raise ValueError(f"model_output shape {model_output.shape} != sample shape {sample.shape}")
         return self._step_index
 
-    def step(self, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    def plan(self) -> StepPlan:
+        """The next step's weights (and the sampler's scalar bookkeeping advanced past it)."""
         raise NotImplementedError
+
+    def step(self, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """One step in numpy: the next sample from the model's output (noise: fresh standard normal, for samplers
+        that need it)."""
+        self._begin_step(model_output, sample)
+        if self.needs_noise:
+            if noise is None:
+                raise ValueError(f"{type(self).__name__} needs fresh standard-normal noise for every step")
+            if noise.shape != sample.shape:
+                raise ValueError(f"noise shape {noise.shape} != sample shape {sample.shape}")
+        x = np.asarray(sample, dtype=np.float64)
+        arrays = {"x": x, "model": np.asarray(model_output, dtype=np.float64),
+                  "noise": np.asarray(noise, dtype=np.float64) if noise is not None else np.zeros_like(x)}
+        for slot in SLOTS:
+            arrays[slot] = self.state.get(slot, np.zeros_like(x))
+        result, self.state = apply_plan(self.plan(), arrays)
+        return result

@@ -6,9 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from .base import Scheduler, alpha_sigma_lambda, data_prediction, merge_config, refuse
+from .base import Scheduler, StepPlan, Terms, alpha_sigma_lambda, data_terms, merge_config, refuse
 
 # Defaults of diffusers' DPMSolverMultistepScheduler.__init__ for the keys read here; a checkpoint's
 # scheduler_config.json overrides them, and keys absent from the file keep these (as diffusers' from_config does).
@@ -60,54 +58,48 @@ class DPMSolverMultistep(Scheduler):
             return 0.0
         return float(self.schedule.sigmas[0])
 
-    def _reset(self) -> None:
-        self._prev_x0: np.ndarray | None = None
-
-    def step(self, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        k = self._begin_step(model_output, sample)
+    def plan(self) -> StepPlan:
+        """x0 from the model output; the first-order step (DDIM), or the second-order midpoint step once the previous
+        x0 is kept; x0 kept for the next step."""
+        k = self._step_index
         cfg = self.config
         n = self.num_inference_steps
-        x = np.asarray(sample, dtype=np.float64)
         s_k, s_next = float(self.sigmas[k]), float(self.sigmas[k + 1])
-        x0 = data_prediction(np.asarray(model_output, dtype=np.float64), x, s_k, cfg["prediction_type"])
-
         last = k == n - 1
         final_first_order = last and (
             cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
         )
         if cfg["solver_order"] == 1 or k == 0 or final_first_order:
-            prev = self._first_order(x, x0, s_k, s_next)
+            following = self._first_order(s_k, s_next)
         else:
-            prev = self._second_order_midpoint(x, x0, self._prev_x0, float(self.sigmas[k - 1]), s_k, s_next)
-
-        self._prev_x0 = x0
+            following = self._second_order_midpoint(float(self.sigmas[k - 1]), s_k, s_next)
         self._step_index += 1
-        return prev.astype(np.float32)
+        return StepPlan(values=(("x0", data_terms(s_k, cfg["prediction_type"])), ("next", following)),
+                        keep=(("x0_1", "x0"),))
 
     @staticmethod
-    def _first_order(x: np.ndarray, x0: np.ndarray, s: float, s_next: float) -> np.ndarray:
+    def _first_order(s: float, s_next: float) -> Terms:
         """DPM-Solver++1 = DDIM: x_t = (sigma_t/sigma_s) x_s - alpha_t (e^{-h} - 1) x0, h = lambda_t - lambda_s."""
         if s_next == 0.0:
             # sigma_t = 0, alpha_t = 1, h = +inf: the formula's limit is x0 (diffusers gets it through inf arithmetic).
-            return x0.copy()
+            return (("x0", 1.0),)
         alpha_s, sigma_s, lam_s = alpha_sigma_lambda(s)
         alpha_t, sigma_t, lam_t = alpha_sigma_lambda(s_next)
         h = lam_t - lam_s
-        return (sigma_t / sigma_s) * x - (alpha_t * math.expm1(-h)) * x0
+        return (("x", sigma_t / sigma_s), ("x0", -alpha_t * math.expm1(-h)))
 
     @staticmethod
-    def _second_order_midpoint(
-        x: np.ndarray, x0: np.ndarray, x0_prev: np.ndarray, s_prev: float, s: float, s_next: float
-    ) -> np.ndarray:
+    def _second_order_midpoint(s_prev: float, s: float, s_next: float) -> Terms:
         """DPM-Solver++(2M): the first-order step plus half its x0 weight times the backward difference D1.
 
         D1 = (x0_k - x0_{k-1}) / r0 with r0 = h_{k-1}/h_k rescales the previous step's difference to this step's
-        length, so D0 + D1/2 is x0 extrapolated to the interval's midpoint in lambda.
+        length, so D0 + D1/2 is x0 extrapolated to the interval's midpoint in lambda:
+        x_t = (sigma_t/sigma_s) x - w x0 - w/2 (x0 - x0_prev) h/h_prev, w = alpha_t (e^{-h} - 1).
         """
         _, _, lam_prev = alpha_sigma_lambda(s_prev)
         _, sigma_s, lam_s = alpha_sigma_lambda(s)
         alpha_t, sigma_t, lam_t = alpha_sigma_lambda(s_next)
         h, h_prev = lam_t - lam_s, lam_s - lam_prev
-        d1 = (x0 - x0_prev) * (h / h_prev)
         weight = alpha_t * math.expm1(-h)
-        return (sigma_t / sigma_s) * x - weight * x0 - 0.5 * weight * d1
+        half_d1 = 0.5 * weight * (h / h_prev)
+        return (("x", sigma_t / sigma_s), ("x0", -weight - half_d1), ("x0_1", half_d1))

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Scheduler, alpha_sigma_lambda, data_prediction, merge_config
+from .base import SLOTS, Scheduler, StepPlan, Terms, alpha_sigma_lambda, data_terms, merge_config
 
 # SASolverScheduler.__init__ defaults. It has no solver_order/solver_type/euler_at_final/final_sigmas_type, so
 # building it from a DPM config silently drops those (its final sigma is always sigma_min, see SASolver).
@@ -99,72 +99,51 @@ class SASolver(Scheduler):
         return float(self.schedule.sigmas[0])
 
     def _reset(self) -> None:
-        self._x0s: list[np.ndarray] = []  # newest last, at most _history_len
-        self._last_sample: np.ndarray | None = None
-        self._last_noise: np.ndarray | None = None
+        super()._reset()
         self._next_corrector_order = 0
         self._warmup = 0  # diffusers' lower_order_nums: how many past x0 the orders may use
 
     def _lam(self, index: int) -> float:
         return alpha_sigma_lambda(float(self.sigmas[index]))[2]
 
-    def _adams(
-        self,
-        x: np.ndarray,
-        start: int,
-        node_indices: list[int],
-        x0s: list[np.ndarray],
-        noise: np.ndarray,
-        tau: float,
-    ) -> np.ndarray:
+    def _adams(self, start: str, interval: int, nodes: list[str], newest: int, noise: str, tau: float) -> Terms:
         """x_t = e^{-tau^2 h} (sigma_t/sigma_s) x_s + (1+tau^2) sigma_t e^{-tau^2 lambda_t} sum_i b_i x0_i
-        + sigma_t sqrt(1 - e^{-2 tau^2 h}) xi, over [lambda_s, lambda_t] = [lambda(start), lambda(start+1)].
+        + sigma_t sqrt(1 - e^{-2 tau^2 h}) xi, over [lambda_s, lambda_t] = [lambda(interval), lambda(interval+1)],
+        from the arrays named `start` (x_s), `nodes` (x0 at the steps newest, newest-1, ...) and `noise` (xi).
 
         The data-prediction SDE with constant tau on the interval, solved exactly except for x0(lambda), which is
-        replaced by its Lagrange interpolant through (lambda(node_indices[i]), x0s[i]).
+        replaced by its Lagrange interpolant through (lambda of each node's step, its x0).
         """
-        _, sigma_s, lam_s = alpha_sigma_lambda(float(self.sigmas[start]))
-        _, sigma_t, lam_t = alpha_sigma_lambda(float(self.sigmas[start + 1]))
+        _, sigma_s, lam_s = alpha_sigma_lambda(float(self.sigmas[interval]))
+        _, sigma_t, lam_t = alpha_sigma_lambda(float(self.sigmas[interval + 1]))
         h = lam_t - lam_s
         c = 1.0 + tau * tau
-        nodes = [self._lam(i) for i in node_indices]
-        b = _lagrange_exp_integrals(nodes, lam_s, lam_t, c)
-        if len(nodes) == 2:
+        lams = [self._lam(newest - i) for i in range(len(nodes))]
+        b = _lagrange_exp_integrals(lams, lam_s, lam_t, c)
+        if len(lams) == 2:
             # diffusers' (and the official code's) empirical O(h^3) change for order 2, "similar to UniPC": the
             # divided difference (x0_0 - x0_1)/(n_0 - n_1) gets weight e^{c lambda_t} h^2/2 instead of the exact
             # int e^{c lambda} (lambda - lambda_s) = e^{c lambda_t} (ch - 1 + e^{-ch})/c^2.
-            delta = math.exp(c * lam_t) * (h * h / 2 - (h * c + math.expm1(-c * h)) / (c * c)) / (nodes[0] - nodes[1])
+            delta = math.exp(c * lam_t) * (h * h / 2 - (h * c + math.expm1(-c * h)) / (c * c)) / (lams[0] - lams[1])
             b[0] += delta
             b[1] -= delta
-        drift = sum(bi * x0 for bi, x0 in zip(b, x0s, strict=True))
         scale = c * sigma_t * math.exp(-tau * tau * lam_t)
         noise_std = sigma_t * math.sqrt(-math.expm1(-2.0 * tau * tau * h))
-        return math.exp(-tau * tau * h) * (sigma_t / sigma_s) * x + scale * drift + noise_std * noise
+        return ((start, math.exp(-tau * tau * h) * (sigma_t / sigma_s)),
+                *((node, scale * float(bi)) for node, bi in zip(nodes, b, strict=True)), (noise, noise_std))
 
-    def step(self, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        k = self._begin_step(model_output, sample)
-        if noise is None:
-            raise ValueError("SA-Solver needs fresh standard-normal noise for every step")
-        if noise.shape != sample.shape:
-            raise ValueError(f"noise shape {noise.shape} != sample shape {sample.shape}")
-        x = np.asarray(sample, dtype=np.float64)
-        xi = np.asarray(noise, dtype=np.float64)
-        x0 = data_prediction(np.asarray(model_output, dtype=np.float64), x, float(self.sigmas[k]),
-                              self.config["prediction_type"])
-
-        if k > 0 and self._last_sample is not None:
-            order = self._next_corrector_order
-            x = self._adams(
-                self._last_sample,
-                start=k - 1,
-                node_indices=[k - i for i in range(order)],
-                x0s=([x0] + self._x0s[::-1])[:order],
-                noise=self._last_noise,
-                tau=self.tau(int(self.timesteps[k - 1])),
-            )
-
-        self._x0s = (self._x0s + [x0])[-self._history_len :]
-
+    def plan(self) -> StepPlan:
+        """x0 from the model output; the corrector (k > 0) redoes the previous interval through the new x0 too; the
+        predictor steps from the corrected sample with this step's noise; the last x0s, the corrected sample and the
+        noise are kept for the next step's corrector and predictor."""
+        k = self._step_index
+        history = ["x0", *SLOTS[: self._history_len]]  # newest first: this step's x0, then the kept ones
+        values: list[tuple[str, Terms]] = [("x0", data_terms(float(self.sigmas[k]), self.config["prediction_type"]))]
+        if k > 0:
+            values.append(("corrected", self._adams("last_sample", k - 1, history[: self._next_corrector_order], k,
+                                                    "last_noise", self.tau(int(self.timesteps[k - 1])))))
+        else:
+            values.append(("corrected", (("x", 1.0),)))
         n = self.num_inference_steps
         p_cap, c_cap = self.predictor_order, self.corrector_order
         if self.config["lower_order_final"]:
@@ -172,16 +151,9 @@ class SASolver(Scheduler):
             p_cap, c_cap = min(p_cap, n - k), min(c_cap, n - k + 1)
         predictor_order = min(p_cap, self._warmup + 1)
         self._next_corrector_order = min(c_cap, self._warmup + 2)
-
-        self._last_sample, self._last_noise = x, xi
-        prev = self._adams(
-            x,
-            start=k,
-            node_indices=[k - i for i in range(predictor_order)],
-            x0s=self._x0s[::-1][:predictor_order],
-            noise=xi,
-            tau=self.tau(int(self.timesteps[k])),
-        )
+        values.append(("next", self._adams("corrected", k, history[:predictor_order], k, "noise",
+                                           self.tau(int(self.timesteps[k])))))
         self._warmup = min(self._warmup + 1, self._history_len)
         self._step_index += 1
-        return prev.astype(np.float32)
+        kept = tuple(zip(SLOTS[: self._history_len], history, strict=False))  # x0_1 <- x0, x0_2 <- x0_1
+        return StepPlan(values=tuple(values), keep=(*kept, ("last_sample", "corrected"), ("last_noise", "noise")))
