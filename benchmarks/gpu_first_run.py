@@ -14,7 +14,8 @@ T5-XXL (exporting it takes half an hour; the text context is random, 4096 wide):
 3. step medians through the engine's IO binding for rows {2, 4, 8, 16} at 1024² and rows 2 at 512² (if 512² is not
    about a quarter of 1024², the step is dispatch-bound), fp32 and fp16, fp16 with and without CUDA graphs, against
    torch fp16 eager on the same weights;
-4. the host's share of a step: guidance and the sampler update in numpy (both samplers), and the copies;
+4. the host's share of a step: guidance and the sampler update in numpy (both samplers), against the same update
+   in the engine's step graph on the device (engine/step_graph.py);
 5. fp16 against fp32 on the same inputs (error, NaN or Inf);
 6. the VAE's 1024² decode: time and device memory.
 
@@ -259,6 +260,46 @@ def host_step_ms(rows: int, side: int, plan: Plan) -> dict[str, float]:
     return out
 
 
+def device_step_ms(rows: int, side: int, device: str, plan: Plan) -> float:
+    """The same update as the engine's step graph runs it where the transformer runs (engine.step_graph), its big
+    inputs already there: what replaces the host update and the copies."""
+    import onnxruntime as ort
+
+    from engine.schedulers import make_scheduler
+    from engine.schedulers.base import SLOTS
+    from engine.step_graph import GRAPH_FILE, plan_weights
+
+    images, h = max(1, rows // 2), side // 8
+    session = open_session(GRAPH_FILE, device)
+    where = "cuda" if device == "cuda" else "cpu"
+    rng = np.random.default_rng(3)
+    sampler = make_scheduler("SA-SOLVER", {})
+    sampler.set_timesteps(plan.warmup + plan.repeats + 2)
+    device_values = {
+        "noise_pred": rng.standard_normal((2 * images, 8, h, h), dtype=np.float32),
+        "x": rng.standard_normal((images, 4, h, h), dtype=np.float32),
+        "state": np.zeros((len(SLOTS), images, 4, h, h)),
+    }
+    binding = session.io_binding()
+    for name, array in device_values.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, where))
+    for name, shape, dtype in (("next", (images, 4, h, h), np.float32), ("next_state", (len(SLOTS), images, 4, h, h),
+                                                                           np.float64),
+                               ("next_input", (2 * images, 4, h, h), np.float32)):
+        binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, where))
+
+    def update() -> None:
+        weights = np.stack([plan_weights(sampler.plan())] * images)
+        for name, array in (("cond_rows", np.arange(images)), ("uncond_rows", np.arange(images, 2 * images)),
+                            ("guidance", np.full(images, 4.5, np.float32)), ("guided", np.ones(images, bool)),
+                            ("noise", rng.standard_normal((images, 4, h, h), dtype=np.float32)),
+                            ("weights", weights), ("input_rows", np.concatenate([np.arange(images)] * 2))):
+            binding.bind_cpu_input(name, array)
+        session.run_with_iobinding(binding)
+
+    return median_ms(update, plan)["median_ms"]
+
+
 # -- 5. precision ---------------------------------------------------------------------------------------------------
 def compare(fp32_session, fp16_session, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
     a = fp32_session.run(None, feeds)[0].astype(np.float64)
@@ -353,7 +394,8 @@ def run(device: str, work: Path) -> Report:
             report.steps.append(row)
             host = host_step_ms(rows, side, plan)
             report.host.append({"side": side, "rows": rows, "update_ms": host,
-                                "share_of_fp16_step": round(max(host.values()) / row["engine_fp16"]["median_ms"], 3)})
+                                "share_of_fp16_step": round(max(host.values()) / row["engine_fp16"]["median_ms"], 3),
+                                "device_update_ms": device_step_ms(rows, side, device, plan)})
     side = max(plan.sizes)
     report.precision = compare(sessions["fp32"], sessions["fp16"], step_inputs(transformer, 2, side, rng))
     say(f"VAE decode {plan.vae_side}²")
@@ -370,12 +412,13 @@ def markdown(report: Report) -> str:
     for name, p in report.placement.items():
         lines.append(f"| {name} | {p['providers'][0]} | {p['nodes']} | {p['memcpy_nodes']} |")
     columns = [k for k in report.steps[0] if k not in ("side", "rows")] if report.steps else []
-    lines += ["", "| step | " + " | ".join(columns) + " | host update (ms) |",
-              "|" + "---|" * (len(columns) + 2)]
+    lines += ["", "| step | " + " | ".join(columns) + " | host update (ms) | device update (ms) |",
+              "|" + "---|" * (len(columns) + 3)]
     for step, host in zip(report.steps, report.host, strict=True):
         cells = [f"{step[c]['median_ms']:.1f} ms" for c in columns]
         lines.append(f"| {step['side']}² rows {step['rows']} | " + " | ".join(cells)
-                     + f" | {max(host['update_ms'].values()):.2f} ({host['share_of_fp16_step']:.0%}) |")
+                     + f" | {max(host['update_ms'].values()):.2f} ({host['share_of_fp16_step']:.0%}) | "
+                     f"{host['device_update_ms']:.2f} |")
     p, v = report.precision, report.vae
     lines += ["", f"fp16 vs fp32 (rows 2): max |diff| {p['max_abs_diff']:.3g}, relative L2 {p['relative_l2']:.3g}, "
               f"cosine {p['cosine']:.5f}, finite {p['finite']}",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +41,7 @@ def graph_shape(rows: int, text_length: int) -> tuple[int, int]:
 
 
 @dataclass
-class _Slot:
+class Slot:
     graph_id: int
     binding: ort.IOBinding
     inputs: dict[str, ort.OrtValue]
@@ -58,7 +59,7 @@ class BoundSession:
         self.shrink = shrink
         self.output_name = session.get_outputs()[0].name
         # least recently used last out: traffic of many shapes must not hold device buffers for all of them
-        self.slots: OrderedDict[tuple, _Slot] = OrderedDict()
+        self.slots: OrderedDict[tuple, Slot] = OrderedDict()
         self.max_slots, self.max_bytes = max_slots, max_bytes
         self.device_lock = threading.Lock()  # held while a run may capture a CUDA graph; the VAE decode takes it
         self._next_graph_id = 1
@@ -69,25 +70,27 @@ class BoundSession:
         """Bytes of the buffers the slots hold on the device."""
         return sum(slot.nbytes for slot in self.slots.values())
 
-    def _slot(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]) -> _Slot:
-        key = tuple((name, a.shape, a.dtype.str) for name, a in feeds.items())
+    def slot(self, inputs: dict[str, tuple[tuple[int, ...], np.dtype]], output_shape: tuple[int, ...]) -> Slot:
+        """The bound buffers for these input shapes and dtypes (made, and older ones evicted, when new)."""
+        key = tuple((name, tuple(shape), np.dtype(dtype).str) for name, (shape, dtype) in inputs.items())
         slot = self.slots.get(key)
         if slot is not None:
             self.slots.move_to_end(key)
             return slot
-        nbytes = sum(a.nbytes for a in feeds.values()) + int(np.prod(output_shape)) * 4
+        nbytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in inputs.values())
+        nbytes += int(np.prod(output_shape)) * 4
         while self.slots and (len(self.slots) >= self.max_slots or self.nbytes + nbytes > self.max_bytes):
             self._evict(next(iter(self.slots)))
         binding = self.session.io_binding()
-        inputs = {}
-        for name, a in feeds.items():
-            value = ort.OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, self.device, self.device_id)
+        values = {}
+        for name, (shape, dtype) in inputs.items():
+            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, self.device_id)
             binding.bind_ortvalue_input(name, value)
-            inputs[name] = value
+            values[name] = value
         output = ort.OrtValue.ortvalue_from_shape_and_type(output_shape, np.float32, self.device, self.device_id)
         binding.bind_ortvalue_output(self.output_name, output)
         # a graph id is never reused: an evicted slot's captured graph must not be replayed with new buffers
-        slot = self.slots[key] = _Slot(self._next_graph_id, binding, inputs, output, nbytes)
+        slot = self.slots[key] = Slot(self._next_graph_id, binding, values, output, nbytes)
         self._next_graph_id += 1
         return slot
 
@@ -97,13 +100,24 @@ class BoundSession:
             self.session.release_captured_graph(slot.graph_id)
 
     def run(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]) -> np.ndarray:
-        slot = self._slot(feeds, output_shape)
+        """Upload what changed, run, and return the output on the host."""
+        slot = self.slot({name: (a.shape, a.dtype) for name, a in feeds.items()}, output_shape)
+        self.upload(slot, feeds)
+        self.execute(slot)
+        out = slot.output.numpy()
+        return out.copy() if self.device == "cpu" else out  # on the CPU a view of the buffer the next run reuses
+
+    def upload(self, slot: Slot, feeds: dict[str, np.ndarray]) -> None:
+        """Copy host arrays into the slot's buffers, except those given as the very array copied last time."""
         for name, a in feeds.items():
             if slot.uploaded.get(name) is a:
                 continue  # the same array as last time: already in the bound buffer
             slot.inputs[name].update_inplace(np.ascontiguousarray(a))
             slot.uploaded[name] = a
             self.uploads += 1
+
+    def execute(self, slot: Slot) -> None:
+        """Run on the slot's buffers (the output stays on the device)."""
         options = ort.RunOptions()
         if self.cuda_graphs:
             options.add_run_config_entry("gpu_graph_id", str(slot.graph_id))
@@ -115,8 +129,6 @@ class BoundSession:
         else:
             self.session.run_with_iobinding(slot.binding, options)
         slot.runs += 1
-        out = slot.output.numpy()
-        return out.copy() if self.device == "cpu" else out  # on the CPU a view of the buffer the next run reuses
 
     def close(self) -> None:
         """Release every slot's device buffers, bindings and captured graph (the session goes with its last
@@ -141,3 +153,14 @@ def pad_conditioning(context: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray,
     padded_context[: len(context), : context.shape[1]] = context
     padded_mask[: len(mask), : mask.shape[1]] = mask
     return padded_context, padded_mask
+
+
+def capture_row_buckets(predict: Callable[..., np.ndarray], max_rows: int, latent_shape: tuple[int, int, int],
+                        caption_channels: int) -> None:
+    """Run `predict(latents, timesteps, context, mask)` on zeros for every row bucket up to `max_rows`, often enough
+    that each bucket's CUDA graph is captured (at warm-up, rather than under the first requests)."""
+    for rows in (r for r in ROW_BUCKETS if r <= max_rows):
+        context, mask = pad_conditioning(np.zeros((rows, 1, caption_channels), np.float32),
+                                         np.ones((rows, 1), np.int64))
+        for _ in range(CAPTURE_RUNS):
+            predict(np.zeros((rows, *latent_shape), np.float32), np.full(rows, 999.0, np.float32), context, mask)

@@ -112,11 +112,14 @@ def prompt_rows(generations: Sequence[Generation]) -> int:
 
 def batch_latents(generations: Sequence[Generation]) -> tuple[np.ndarray, np.ndarray]:
     """Latents (rows, C, h, w) and float32 timesteps (rows,) in row order, each generation at its own timestep."""
-    guided = [g for g in generations if g.guided]
-    x = np.concatenate([g.latents for g in generations] + [g.latents for g in guided])
-    t = np.concatenate([np.full(len(g.latents), g.sampler.timesteps[g.step_index], np.float32)
-                        for g in [*generations, *guided]])
-    return x, t
+    x = np.concatenate([g.latents for g in generations] + [g.latents for g in generations if g.guided])
+    return x, batch_timesteps(generations)
+
+
+def batch_timesteps(generations: Sequence[Generation]) -> np.ndarray:
+    """Float32 timesteps (rows,) in row order: the prompt rows, then the guided generations' negative rows."""
+    return np.concatenate([np.full(len(g.latents), g.sampler.timesteps[g.step_index], np.float32)
+                           for g in [*generations, *(g for g in generations if g.guided)]])
 
 
 def advance(generations: Sequence[Generation], noise_pred: np.ndarray, latent_channels: int) -> None:

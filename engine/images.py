@@ -43,3 +43,10 @@ def encode_image(pixels: np.ndarray, fmt: str, index: int) -> GeneratedImage:
     Image.fromarray(pixels).save(buf, format=pil_format, **options)
     return GeneratedImage(pixels=pixels, data=buf.getvalue(), content_type=content_type,
                           file_name=result_file_name(index, fmt))
+
+
+def checked_vae_tile(tile: int | None, vae_scale: int) -> int | None:
+    """A VAE tile size in pixels, or None: a positive multiple of 4 latent pixels."""
+    if tile is not None and (tile <= 0 or tile % (4 * vae_scale)):
+        raise ValueError(f"vae_tile: a positive multiple of {4 * vae_scale} pixels, not {tile}")
+    return tile

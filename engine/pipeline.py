@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.binding import CAPTURE_RUNS, ROW_BUCKETS, pad_conditioning, pad_rows
-from engine.generation import BatchedText, Generation, advance, batch_latents, prompt_rows
-from engine.images import decode_latents, encode_image
+from engine.binding import capture_row_buckets, pad_conditioning, pad_rows
+from engine.generation import BatchedText, Generation, advance, batch_latents, batch_timesteps, prompt_rows
+from engine.images import checked_vae_tile, decode_latents, encode_image
 from engine.manifest import Manifest
 from engine.positions import sincos_pos_embed
 from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
@@ -34,6 +34,7 @@ from engine.resolution import classify_bin, resize_and_crop, to_uint8
 from engine.runtime import Acceleration, default_providers, release_freed_memory, shape_profiles, shrink_after_runs
 from engine.schedulers import make_scheduler
 from engine.sessions import GraphOpener, bind_transformer, open_safety_checker
+from engine.step_graph import device_steps_for
 from engine.text import T5Tokenizer
 from engine.text_cache import KeyedEmbeddingCache, open_text_cache
 from engine.text_encoding import encode_texts, prompt_texts, text_length
@@ -68,6 +69,7 @@ class Engine:
         text_cache_dir: str | Path | None = None,
         text_cache_disk_mb: float = 1024,
         memory_arena: bool = True,
+        device_step: bool | None = None,
     ):
         """`io_binding`: keep the transformer's inputs and output in device buffers between steps (default: on
         when it runs on a GPU). `acceleration`: GPU provider settings (device, CUDA graphs, TensorRT fp16 and
@@ -80,7 +82,9 @@ class Engine:
         `vae_tile` decodes in tiles of that many pixels (a multiple of 32), blended as diffusers does;
         `text_cache_dir` keeps T5 outputs on disk too, across restarts, keyed by the T5 graph's hash;
         `memory_arena=False` frees the transformer's activations after every call instead of keeping their peak
-        for the next one (measured at 1024²: 1.5 GB that would otherwise sit beside the VAE decode)."""
+        for the next one (measured at 1024²: 1.5 GB that would otherwise sit beside the VAE decode).
+        `device_step`: guidance and the sampler update on the transformer's device too (engine.step_graph; default:
+        on with IO binding on a GPU)."""
         _check_choice("flagged_images", flagged_images, FLAGGED_IMAGE_MODES)
         _check_choice("text_encoder_device", text_encoder_device, TEXT_ENCODER_DEVICES)
         self.manifest = Manifest.load(export_dir, verify=verify_files)
@@ -100,7 +104,7 @@ class Engine:
         self.text_cache: KeyedEmbeddingCache = open_text_cache(
             int(text_cache_mb * 2**20), text_cache_dir, files["text_encoder"], self.manifest.get("hashes", {}),
             int(text_cache_disk_mb * 2**20))
-        self.vae_tile = self._checked_vae_tile(vae_tile)
+        self.vae_tile = checked_vae_tile(vae_tile, self.vae_scale)
         self.tokenizer = T5Tokenizer.from_file(files["tokenizer"])
         self.safety_checker = open_safety_checker(self.manifest, providers, intra_op_threads)
         self.flagged_images = flagged_images
@@ -110,6 +114,8 @@ class Engine:
         self._batched_text = BatchedText()
         # captured graphs are made for a few shapes: rows and text padded up to them (engine.binding.graph_shape)
         self.graph_shapes = self.bound_transformer is not None and self.bound_transformer.cuda_graphs
+        self.device_steps = device_steps_for(self.bound_transformer, device_step, self.guidance_in_one_batch,
+                                             providers)
         self._closed = False
 
     @classmethod
@@ -157,11 +163,6 @@ class Engine:
         self.bound_transformer = bind_transformer(self.transformer, io_binding, graphs.acceleration,
                                                   self._transformer_run)
 
-    def _checked_vae_tile(self, vae_tile: int | None) -> int | None:
-        if vae_tile is not None and (vae_tile <= 0 or vae_tile % (4 * self.vae_scale)):
-            raise ValueError(f"vae_tile: a positive multiple of {4 * self.vae_scale} pixels, not {vae_tile}")
-        return vae_tile
-
     @property
     def has_safety_checker(self) -> bool:
         return self.safety_checker is not None
@@ -181,6 +182,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        if self.device_steps is not None:
+            self.device_steps.close()
         if self.bound_transformer is not None:
             self.bound_transformer.close()
         self.text_cache.clear()
@@ -231,15 +234,13 @@ class Engine:
         """A small request through every stage; with CUDA graphs also the default size's graphs for every row
         bucket a step can use, captured now rather than under the first requests."""
         self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=1, image_size=(512, 512), seed=0))
-        height, width = self.binned_size(GenerationRequest(prompt="warm-up"))
-        h, w = height // self.vae_scale, width // self.vae_scale
-        pos_embed = sincos_pos_embed(self.inner_dim, h // self.patch_size, w // self.patch_size, *self.pos_geometry)
-        for rows in [r for r in ROW_BUCKETS if r <= self.max_rows] if self.graph_shapes else []:
-            context, mask = pad_conditioning(np.zeros((rows, 1, self.caption_channels), np.float32),
-                                             np.ones((rows, 1), np.int64))
-            for _ in range(CAPTURE_RUNS):
-                self.predict_noise(np.zeros((rows, self.latent_channels, h, w), np.float32),
-                                   np.full(rows, 999.0, np.float32), context, mask, pos_embed)
+        if self.graph_shapes:
+            height, width = self.binned_size(GenerationRequest(prompt="warm-up"))
+            h, w = height // self.vae_scale, width // self.vae_scale
+            pos_embed = sincos_pos_embed(self.inner_dim, h // self.patch_size, w // self.patch_size,
+                                         *self.pos_geometry)
+            capture_row_buckets(lambda *feeds: self.predict_noise(*feeds, pos_embed), self.max_rows,
+                                (self.latent_channels, h, w), self.caption_channels)
 
     # ---- the three stages -----------------------------------------------------------------------------------
 
@@ -280,11 +281,15 @@ class Engine:
                 raise ValueError("a finished generation was stepped again")
             if g.denoise_started is None:
                 g.denoise_started = now
-        x, t = batch_latents(generations)
         context, mask = self._batched_text.get(generations, pad=self.graph_shapes)
         height, width = generations[0].size_bin
         pos_embed = sincos_pos_embed(self.inner_dim, height // self.vae_scale // self.patch_size,
                                      width // self.vae_scale // self.patch_size, *self.pos_geometry)
+        if self.device_steps is not None:  # guidance and the sampler update where the transformer runs
+            self.device_steps.step(generations, batch_timesteps(generations), context, mask, pos_embed,
+                                   self.out_channels)
+            return
+        x, t = batch_latents(generations)
         split = prompt_rows(generations) if any(g.guided for g in generations) else None
         noise_pred = self.predict_noise(x, t, context, mask, pos_embed, split=split)
         advance(generations, noise_pred, self.latent_channels)

@@ -112,7 +112,8 @@ def test_gpu_first_run_script_runs_end_to_end_on_cpu(tmp_path):
     for step in report["steps"]:
         assert {"engine_fp32", "engine_fp16", "eager_fp32"} == set(step) - {"side", "rows"}
         assert all(step[k]["median_ms"] > 0 for k in ("engine_fp32", "engine_fp16", "eager_fp32"))
-    assert all(set(h["update_ms"]) == {"DPM-SOLVER", "SA-SOLVER"} for h in report["host"])
+    assert all(set(h["update_ms"]) == {"DPM-SOLVER", "SA-SOLVER"} and h["device_update_ms"] > 0
+               for h in report["host"])
     assert report["precision"]["finite"] and report["precision"]["cosine"] > 0.999
     assert report["vae"]["finite"] and report["vae"]["side"] == 256
     assert "| 256² rows 2 |" in done.stdout  # the table, printed last

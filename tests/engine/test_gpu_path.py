@@ -272,3 +272,41 @@ def test_the_default_graph_set_follows_the_provider(default_export, tmp_path):
     chosen = {p: Manifest.load(export).files(provider=p)[0] for p in (CUDA, TENSORRT, "CPUExecutionProvider")}
     assert chosen == {CUDA: "fp16", TENSORRT: "fp32", "CPUExecutionProvider": "optimized"}
     assert Manifest.load(export).files("fp32", provider=CUDA)[0] == "fp32"  # asked for by name: that one
+
+
+@pytest.mark.parametrize("sampler", ["DPM-SOLVER", "SA-SOLVER"])
+def test_the_device_step_gives_the_host_steps_images(engine, default_export, sampler):
+    """Guidance and the sampler update in the step graph, latents and sampler state kept where the transformer runs
+    (here: the CPU's buffers): every request of every schedule (joins, leaves, a drop; padded for captured graphs
+    too) gets the image of the host's numpy step, bit for bit."""
+    from engine import Engine
+    from tests.engine.test_continuous import LONG_PROMPT, SCHEDULES, companions, run_schedule
+
+    device = Engine.load(default_export, io_binding=True, device_step=True)
+    subject = GenerationRequest(prompt=LONG_PROMPT, seed=5, num_inference_steps=6, scheduler=sampler,
+                                image_size=(256, 256))
+    everyone = [subject, *companions((256, 256), "DPM-SOLVER" if sampler == "SA-SOLVER" else "SA-SOLVER")]
+    cases = [(SCHEDULES[name], {}) for name in ("all at step 0", "joins at step k", "others join later")]
+    cases.append(([0, 0, 0, 0], {2: 2}))
+    for padded, schedule in ((False, cases), (True, cases[1:2])):
+        device.graph_shapes = padded
+        for joins, drop in schedule:
+            host = run_schedule(engine, everyone, joins, drop)
+            for a, b in zip(host, run_schedule(device, everyone, joins, drop), strict=True):
+                assert (a is None) == (b is None) and (a is None or np.array_equal(pixels(a), pixels(b)))
+    assert not device.device_steps.groups  # every group's buffers went with its last member
+
+
+def test_the_device_step_sends_only_the_timesteps_up(default_export):
+    from engine import Engine
+
+    device = Engine.load(default_export, io_binding=True, device_step=True)
+    request = GenerationRequest(prompt="a star", seed=3, num_inference_steps=6, image_size=(256, 256))
+    generation = device.prepare(request)
+    device.step([generation])  # latents, timesteps, text, mask and positions go up once
+    before = device.bound_transformer.uploads
+    while not generation.done:
+        device.step([generation])
+    assert device.bound_transformer.uploads - before == 5  # then per step the timesteps alone
+    with pytest.raises(ValueError, match="IO binding"):
+        Engine.load(default_export, io_binding=False, device_step=True)

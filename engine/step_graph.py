@@ -1,0 +1,199 @@
+"""Guidance and the sampler update as one small ONNX graph, run where the transformer runs.
+
+Between two transformer calls the engine otherwise brings the noise prediction to the host, mixes each request's
+guidance, steps its sampler in numpy and sends the next latents back: on a GPU that is two copies over PCIe and a
+few milliseconds of host arithmetic per step. Every sampler step is a `StepPlan` (engine/schedulers/base.py): the
+next sample and the arrays kept for later steps are weighted sums of the sample, the model output, the step's noise
+and the kept arrays, with float64 weights computed on the host. This graph applies those weights for every image row
+of a batch at once, whatever sampler or step each row is at:
+
+    model      = where(guided, uncond + g (cond - uncond), cond)[:, :4]   rows of the transformer's output (float32)
+    sources    = [x, model, noise, state...]                              (N, R, C, h, w), float64
+    outputs    = weights (R, O, N) @ sources                              "next" and each kept slot, float64
+    next       = float32(outputs[0]);  next_state = outputs[1:]
+    next_input = next[input_rows]                                         the transformer's next latents
+
+Guidance is computed in float32 as numpy computes it, and the weighted sums in float64 as `apply_plan` does, so a
+row's next sample matches the numpy step to float32 rounding (tested on the CPU for both samplers, guided and
+unguided rows and every step of a run). The noise of SA-Solver rows is still drawn on the host, from each request's
+own seeded stream, and uploaded: a row's noise must not depend on its companions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from engine.binding import BoundSession, Slot, pad_rows
+from engine.generation import Generation
+from engine.runtime import create_session, default_providers
+from engine.schedulers.base import SLOTS, SOURCES, StepPlan
+
+OUTPUTS = ("next", *SLOTS)  # what the weights make, in order
+GRAPH_FILE = Path(__file__).with_name("step_graph.onnx")  # built by export/graphs/step.py
+
+
+def plan_weights(plan: StepPlan) -> np.ndarray:
+    """(len(OUTPUTS), len(SOURCES)) float64: the plan's outputs as weights of the sources; an empty slot is zeros."""
+    flat = plan.flat()
+    weights = np.zeros((len(OUTPUTS), len(SOURCES)), np.float64)
+    for o, name in enumerate(OUTPUTS):
+        for s, source in enumerate(SOURCES):
+            weights[o, s] = flat.get(name, {}).get(source, 0.0)
+    return weights
+
+
+@dataclass
+class _Group:
+    """One size bin's rows on the device: its members (in row order), their latents and sampler state in two
+    buffers each (one read, one written per step), and the transformer slot whose latents its step graph writes."""
+
+    members: tuple[Generation, ...]
+    x: list[ort.OrtValue]
+    state: list[ort.OrtValue]
+    current: int = 0
+    slot: Slot | None = None
+
+
+class DeviceSteps:
+    """The steps of a bound transformer kept on its device: the transformer's output goes to the step graph, the
+    step graph's next latents into the transformer's input buffer, and latents and sampler state stay there from
+    step to step. The host keeps a request's latents and sampler state (Generation.latents, sampler.state) only at
+    the edges: they go up when a group's membership changes (a request joins, leaves or is dropped) and come down
+    for the requests that leave, which is when the batch is rebuilt anyway."""
+
+    def __init__(self, bound: BoundSession, providers: list[str] | None):
+        self.bound = bound
+        # not TensorRT: it has no float64, and this graph is a few element-wise nodes
+        where = [p for p in providers or default_providers() if p != "TensorrtExecutionProvider"]
+        self.session = create_session(GRAPH_FILE, where, graph="step")
+        self.groups: dict[tuple[int, int], _Group] = {}
+
+    def step(self, generations: Sequence[Generation], timesteps: np.ndarray, context: np.ndarray,
+             mask: np.ndarray, pos_embed: np.ndarray, out_channels: int) -> None:
+        """One step of every generation (one size bin); `context`/`mask` may be padded past the real rows."""
+        group = self._group(generations)
+        rows, first = len(context), generations[0].latents
+        shapes = {"latents": ((rows, *first.shape[1:]), np.float32), "timestep": ((rows,), np.float32),
+                  "encoder_hidden_states": (context.shape, context.dtype), "encoder_attention_mask": (mask.shape,
+                                                                                                    mask.dtype),
+                  "pos_embed": (pos_embed.shape, pos_embed.dtype)}
+        slot = self.bound.slot(shapes, (rows, out_channels, *first.shape[2:]))
+        if group.slot is not slot:  # the latents go up once per group (and slot)
+            latents = np.concatenate([g.latents for g in generations] + [g.latents for g in generations if g.guided])
+            self.bound.upload(slot, {"latents": pad_rows(latents, rows)})
+            group.slot = slot
+        self.bound.upload(slot, {"timestep": pad_rows(timesteps, rows), "encoder_hidden_states": context,
+                                 "encoder_attention_mask": mask, "pos_embed": pos_embed})
+        self.bound.execute(slot)
+        self._update(group, slot, rows)
+        slot.uploaded.pop("latents", None)  # written on the device: the next host upload must not be skipped
+        now = time.perf_counter()
+        for row, g in self._rows(generations):
+            g.step_index += 1
+            if g.done:
+                g.latents = self._download(group.x[group.current])[row:row + len(g.latents)].copy()
+                g.timings["denoising"] = now - g.denoise_started
+        if all(g.done for g in generations):
+            self.groups.pop(generations[0].size_bin, None)  # its device buffers go
+
+    def _update(self, group: _Group, slot: Slot, rows: int) -> None:
+        """The step graph, on the slot's output and the group's buffers; its next latents into the slot's input."""
+        members = group.members
+        images = sum(len(g.latents) for g in members)
+        weights, cond, uncond, guidance, guided, noise = [], [], [], [], [], []
+        negative = images
+        for row, g in self._rows(members):
+            n = len(g.latents)
+            weights += [plan_weights(g.sampler.plan())] * n
+            cond += range(row, row + n)
+            uncond += range(negative, negative + n) if g.guided else range(row, row + n)
+            negative += n if g.guided else 0
+            guidance += [g.request.guidance_scale] * n
+            guided += [g.guided] * n
+            noise.append(g.rng.standard_normal(g.latents.shape, dtype=np.float32) if g.sampler.needs_noise
+                         else np.zeros(g.latents.shape, np.float32))
+        input_rows = list(range(images)) + [r for r, is_guided in enumerate(guided) if is_guided]
+        input_rows += [0] * (rows - len(input_rows))  # rows padded for a captured graph: read, never used
+        binding = self.session.io_binding()
+        for name, value in (("noise_pred", slot.output), ("x", group.x[group.current]),
+                            ("state", group.state[group.current])):
+            binding.bind_ortvalue_input(name, value)
+        for name, array in (("cond_rows", np.array(cond)), ("uncond_rows", np.array(uncond)),
+                            ("guidance", np.array(guidance, np.float32)), ("guided", np.array(guided)),
+                            ("noise", np.concatenate(noise)), ("weights", np.stack(weights)),
+                            ("input_rows", np.array(input_rows))):
+            binding.bind_cpu_input(name, array)
+        following = 1 - group.current
+        binding.bind_ortvalue_output("next", group.x[following])
+        binding.bind_ortvalue_output("next_state", group.state[following])
+        binding.bind_ortvalue_output("next_input", slot.inputs["latents"])
+        self.session.run_with_iobinding(binding)
+        group.current = following
+
+    def _group(self, generations: Sequence[Generation]) -> _Group:
+        """The bin's group for these members: the one on the device when they are its members, else a new one
+        (the old one's members that go on first take their latents and state back to the host)."""
+        key = generations[0].size_bin
+        group = self.groups.get(key)
+        if group is not None and len(group.members) == len(generations) and all(
+                a is b for a, b in zip(group.members, generations, strict=True)):
+            return group
+        if group is not None:
+            self._to_host(group)
+        latents = np.concatenate([g.latents for g in generations])
+        state = np.zeros((len(SLOTS), *latents.shape), np.float64)
+        for row, g in self._rows(generations):
+            for s, slot in enumerate(SLOTS):
+                if slot in g.sampler.state:
+                    state[s, row:row + len(g.latents)] = g.sampler.state[slot]
+        device, device_id = self.bound.device, self.bound.device_id
+        group = self.groups[key] = _Group(
+            tuple(generations),
+            x=[ort.OrtValue.ortvalue_from_numpy(latents, device, device_id),
+               ort.OrtValue.ortvalue_from_shape_and_type(latents.shape, np.float32, device, device_id)],
+            state=[ort.OrtValue.ortvalue_from_numpy(state, device, device_id),
+                   ort.OrtValue.ortvalue_from_shape_and_type(state.shape, np.float64, device, device_id)])
+        return group
+
+    def _to_host(self, group: _Group) -> None:
+        """Each unfinished member's latents and sampler state, from the device back into its Generation."""
+        latents = self._download(group.x[group.current])
+        state = self._download(group.state[group.current])
+        for row, g in self._rows(group.members):
+            if g.done:
+                continue
+            rows = slice(row, row + len(g.latents))
+            g.latents = latents[rows].copy()
+            g.sampler.state = {slot: state[s, rows].copy() for s, slot in enumerate(SLOTS)}
+
+    @staticmethod
+    def _download(value: ort.OrtValue) -> np.ndarray:
+        return np.array(value.numpy())  # a copy: on the CPU numpy() is a view of a buffer that is written again
+
+    @staticmethod
+    def _rows(generations: Sequence[Generation]) -> list[tuple[int, Generation]]:
+        """(first image row, generation) in row order."""
+        out, row = [], 0
+        for g in generations:
+            out.append((row, g))
+            row += len(g.latents)
+        return out
+
+    def close(self) -> None:
+        self.groups.clear()
+
+
+def device_steps_for(bound: BoundSession | None, device_step: bool | None, guidance_in_one_batch: bool,
+                     providers: list[str] | tuple[str, ...] | None) -> DeviceSteps | None:
+    """The step graph beside a bound transformer: by default where it runs on a GPU (guidance in one call)."""
+    wanted = (bound is not None and bound.device != "cpu" and guidance_in_one_batch) if device_step is None \
+        else device_step
+    if wanted and (bound is None or not guidance_in_one_batch):
+        raise ValueError("device_step needs IO binding and guidance in one batch")
+    return DeviceSteps(bound, list(providers) if providers else None) if wanted else None
