@@ -106,16 +106,34 @@ def explicit_attention_scale() -> Iterator[None]:
     so the exported graph holds a constant instead of computing it from tensor shapes."""
     sdpa = F.scaled_dot_product_attention
 
-    def with_scale(query: torch.Tensor, *args, scale: float | None = None, **kwargs) -> torch.Tensor:
+    def with_scale(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attn_mask: torch.Tensor | None = None, *args, scale: float | None = None, **kwargs
+                   ) -> torch.Tensor:
         if scale is None:
             scale = 1.0 / math.sqrt(int(query.shape[-1]))
-        return sdpa(query, *args, scale=scale, **kwargs)
+        if query.dtype == torch.bfloat16:  # TorchScript's SDPA symbolic fails on a number scale with bf16 tensors
+            return spelled_out_attention(query, key, value, attn_mask, scale, *args, **kwargs)
+        return sdpa(query, key, value, attn_mask, *args, scale=scale, **kwargs)
 
     F.scaled_dot_product_attention = with_scale
     try:
         yield
     finally:
         F.scaled_dot_product_attention = sdpa
+
+
+def spelled_out_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attn_mask: torch.Tensor | None, scale: float, dropout_p: float = 0.0,
+                          is_causal: bool = False) -> torch.Tensor:
+    """The ops torch's SDPA symbolic emits for an additive mask (q and k each scaled by sqrt(scale), as torch does
+    for stability), written in torch so that they trace in any dtype."""
+    if dropout_p or is_causal or (attn_mask is not None and attn_mask.dtype == torch.bool):
+        raise NotImplementedError("export: attention with dropout, a causal or a boolean mask")
+    root = math.sqrt(scale)
+    scores = (query * root) @ (key * root).transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ value
 
 
 def pos_embed_geometry(transformer: nn.Module) -> tuple[float, float]:
