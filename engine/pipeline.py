@@ -115,7 +115,7 @@ class Engine:
         # captured graphs are made for a few shapes: rows and text padded up to them (engine.binding.graph_shape)
         self.graph_shapes = self.bound_transformer is not None and self.bound_transformer.cuda_graphs
         self.device_steps = device_steps_for(self.bound_transformer, device_step, self.guidance_in_one_batch,
-                                             providers)
+                                             acceleration)
         self._closed = False
 
     @classmethod

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from engine.binding import BoundSession, Slot, pad_rows
 from engine.generation import Generation
-from engine.runtime import create_session, default_providers
+from engine.runtime import CPU, CUDA, Acceleration, create_session
 from engine.schedulers.base import SLOTS, SOURCES, StepPlan
 
 OUTPUTS = ("next", *SLOTS)  # what the weights make, in order
@@ -51,11 +51,13 @@ def plan_weights(plan: StepPlan) -> np.ndarray:
 @dataclass
 class _Group:
     """One size bin's rows on the device: its members (in row order), their latents and sampler state in two
-    buffers each (one read, one written per step), and the transformer slot whose latents its step graph writes."""
+    buffers each (one read, one written per step), the step graph's inputs that stay the same while the members do,
+    and the transformer slot whose latents its step graph writes."""
 
     members: tuple[Generation, ...]
     x: list[ort.OrtValue]
     state: list[ort.OrtValue]
+    fixed: dict[str, ort.OrtValue] = field(default_factory=dict)
     current: int = 0
     slot: Slot | None = None
 
@@ -67,11 +69,11 @@ class DeviceSteps:
     the edges: they go up when a group's membership changes (a request joins, leaves or is dropped) and come down
     for the requests that leave, which is when the batch is rebuilt anyway."""
 
-    def __init__(self, bound: BoundSession, providers: list[str] | None):
+    def __init__(self, bound: BoundSession, acceleration: Acceleration | None = None):
         self.bound = bound
-        # not TensorRT: it has no float64, and this graph is a few element-wise nodes
-        where = [p for p in providers or default_providers() if p != "TensorrtExecutionProvider"]
-        self.session = create_session(GRAPH_FILE, where, graph="step")
+        # where the bound buffers are; not TensorRT: it has no float64, and this graph is a few element-wise nodes
+        where = [CUDA, CPU] if bound.device == "cuda" else [CPU]
+        self.session = create_session(GRAPH_FILE, where, graph="step", acceleration=acceleration)
         self.groups: dict[tuple[int, int], _Group] = {}
 
     def step(self, generations: Sequence[Generation], timesteps: np.ndarray, context: np.ndarray,
@@ -84,57 +86,84 @@ class DeviceSteps:
                                                                                                     mask.dtype),
                   "pos_embed": (pos_embed.shape, pos_embed.dtype)}
         slot = self.bound.slot(shapes, (rows, out_channels, *first.shape[2:]))
-        if group.slot is not slot:  # the latents go up once per group (and slot)
-            latents = np.concatenate([g.latents for g in generations] + [g.latents for g in generations if g.guided])
-            self.bound.upload(slot, {"latents": pad_rows(latents, rows)})
+        if not group.fixed:
+            group.fixed = self._fixed_inputs(group.members, rows)
+        if group.slot is not slot:  # a new group, or its slot was evicted since: its current latents go up
+            latents = self._download(group.x[group.current])[self._input_rows(group.members, rows)]
+            self.bound.upload(slot, {"latents": latents})
             group.slot = slot
         self.bound.upload(slot, {"timestep": pad_rows(timesteps, rows), "encoder_hidden_states": context,
                                  "encoder_attention_mask": mask, "pos_embed": pos_embed})
         self.bound.execute(slot)
-        self._update(group, slot, rows)
+        self._update(group, slot)
         slot.uploaded.pop("latents", None)  # written on the device: the next host upload must not be skipped
         now = time.perf_counter()
+        finished = []
         for row, g in self._rows(generations):
             g.step_index += 1
             if g.done:
-                g.latents = self._download(group.x[group.current])[row:row + len(g.latents)].copy()
+                finished.append((row, g))
                 g.timings["denoising"] = now - g.denoise_started
+        if finished:
+            latents = self._download(group.x[group.current])
+            for row, g in finished:
+                g.latents = latents[row:row + len(g.latents)].copy()
         if all(g.done for g in generations):
             self.groups.pop(generations[0].size_bin, None)  # its device buffers go
 
-    def _update(self, group: _Group, slot: Slot, rows: int) -> None:
+    def _update(self, group: _Group, slot: Slot) -> None:
         """The step graph, on the slot's output and the group's buffers; its next latents into the slot's input."""
-        members = group.members
-        images = sum(len(g.latents) for g in members)
-        weights, cond, uncond, guidance, guided, noise = [], [], [], [], [], []
-        negative = images
-        for row, g in self._rows(members):
-            n = len(g.latents)
-            weights += [plan_weights(g.sampler.plan())] * n
-            cond += range(row, row + n)
-            uncond += range(negative, negative + n) if g.guided else range(row, row + n)
-            negative += n if g.guided else 0
-            guidance += [g.request.guidance_scale] * n
-            guided += [g.guided] * n
-            noise.append(g.rng.standard_normal(g.latents.shape, dtype=np.float32) if g.sampler.needs_noise
-                         else np.zeros(g.latents.shape, np.float32))
-        input_rows = list(range(images)) + [r for r, is_guided in enumerate(guided) if is_guided]
-        input_rows += [0] * (rows - len(input_rows))  # rows padded for a captured graph: read, never used
+        weights, noise = [], []
+        for g in group.members:
+            weights += [plan_weights(g.sampler.plan())] * len(g.latents)
+            if "noise" not in group.fixed:  # drawn here, in each request's own stream, as the numpy step does
+                noise.append(g.rng.standard_normal(g.latents.shape, dtype=np.float32) if g.sampler.needs_noise
+                             else np.zeros(g.latents.shape, np.float32))
         binding = self.session.io_binding()
         for name, value in (("noise_pred", slot.output), ("x", group.x[group.current]),
-                            ("state", group.state[group.current])):
+                            ("state", group.state[group.current]), *group.fixed.items()):
             binding.bind_ortvalue_input(name, value)
-        for name, array in (("cond_rows", np.array(cond)), ("uncond_rows", np.array(uncond)),
-                            ("guidance", np.array(guidance, np.float32)), ("guided", np.array(guided)),
-                            ("noise", np.concatenate(noise)), ("weights", np.stack(weights)),
-                            ("input_rows", np.array(input_rows))):
-            binding.bind_cpu_input(name, array)
+        binding.bind_cpu_input("weights", np.stack(weights))
+        if noise:
+            binding.bind_cpu_input("noise", np.concatenate(noise))
         following = 1 - group.current
         binding.bind_ortvalue_output("next", group.x[following])
         binding.bind_ortvalue_output("next_state", group.state[following])
         binding.bind_ortvalue_output("next_input", slot.inputs["latents"])
         self.session.run_with_iobinding(binding)
         group.current = following
+
+    def _fixed_inputs(self, members: Sequence[Generation], rows: int) -> dict[str, ort.OrtValue]:
+        """The step graph's inputs that change only with the members, on the device: which transformer rows are
+        each image's conditional and unconditional halves, its guidance, and the rows of the next transformer
+        input; the noise too (zeros) when no member's sampler draws any."""
+        images = sum(len(g.latents) for g in members)
+        cond, uncond, guidance, guided = [], [], [], []
+        negative = images
+        for row, g in self._rows(members):
+            n = len(g.latents)
+            cond += range(row, row + n)
+            uncond += range(negative, negative + n) if g.guided else range(row, row + n)
+            negative += n if g.guided else 0
+            guidance += [g.request.guidance_scale] * n
+            guided += [g.guided] * n
+        arrays = {"cond_rows": np.array(cond), "uncond_rows": np.array(uncond),
+                  "guidance": np.array(guidance, np.float32), "guided": np.array(guided),
+                  "input_rows": self._input_rows(members, rows)}
+        if not any(g.sampler.needs_noise for g in members):
+            latents = members[0].latents
+            arrays["noise"] = np.zeros((images, *latents.shape[1:]), np.float32)
+        device, device_id = self.bound.device, self.bound.device_id
+        return {name: ort.OrtValue.ortvalue_from_numpy(a, device, device_id) for name, a in arrays.items()}
+
+    def _input_rows(self, members: Sequence[Generation], rows: int) -> np.ndarray:
+        """The image rows that make the transformer's `rows` input rows: every image, then the guided ones again
+        (their unconditional half), then row 0 for the rows padded for a captured graph (read, never used)."""
+        images, guided = [], []
+        for row, g in self._rows(members):
+            images += range(row, row + len(g.latents))
+            guided += range(row, row + len(g.latents)) if g.guided else []
+        return np.array(images + guided + [0] * (rows - len(images) - len(guided)))
 
     def _group(self, generations: Sequence[Generation]) -> _Group:
         """The bin's group for these members: the one on the device when they are its members, else a new one
@@ -190,10 +219,10 @@ class DeviceSteps:
 
 
 def device_steps_for(bound: BoundSession | None, device_step: bool | None, guidance_in_one_batch: bool,
-                     providers: list[str] | tuple[str, ...] | None) -> DeviceSteps | None:
+                     acceleration: Acceleration | None = None) -> DeviceSteps | None:
     """The step graph beside a bound transformer: by default where it runs on a GPU (guidance in one call)."""
     wanted = (bound is not None and bound.device != "cpu" and guidance_in_one_batch) if device_step is None \
         else device_step
     if wanted and (bound is None or not guidance_in_one_batch):
         raise ValueError("device_step needs IO binding and guidance in one batch")
-    return DeviceSteps(bound, list(providers) if providers else None) if wanted else None
+    return DeviceSteps(bound, acceleration) if wanted else None

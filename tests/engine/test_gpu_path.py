@@ -297,6 +297,31 @@ def test_the_device_step_gives_the_host_steps_images(engine, default_export, sam
     assert not device.device_steps.groups  # every group's buffers went with its last member
 
 
+def test_the_device_step_survives_its_slot_being_evicted(engine, default_export):
+    """Two bins taking turns with room for one slot: each step evicts the other bin's buffers, and the group whose
+    slot is made again sends up its latents as they are now, not as they were when it joined."""
+    from engine import Engine
+
+    device = Engine.load(default_export, io_binding=True, device_step=True)
+    device.bound_transformer.max_slots = 1
+    requests = [GenerationRequest(prompt="a red circle", seed=1, num_inference_steps=4, image_size=(256, 256)),
+                GenerationRequest(prompt="a blue square", seed=2, num_inference_steps=4, image_size=(256, 448),
+                                  scheduler="SA-SOLVER")]
+
+    def taking_turns(e) -> list:
+        generations = [e.prepare(r) for r in requests]
+        while not all(g.done for g in generations):
+            for g in generations:
+                e.step([g])
+        return [e.finish([g])[0] for g in generations]
+
+    before = device.bound_transformer.uploads
+    for a, b in zip(taking_turns(engine), taking_turns(device), strict=True):
+        np.testing.assert_array_equal(pixels(a), pixels(b))
+    # every step made its slot again: latents, timesteps, text, mask and positions each time
+    assert device.bound_transformer.uploads - before == 2 * 4 * 5
+
+
 def test_the_device_step_sends_only_the_timesteps_up(default_export):
     from engine import Engine
 
