@@ -4,8 +4,9 @@ For every distinct set of input shapes (a bin, a number of rows, a text length) 
 and output buffers, allocated once. An input is uploaded only when the array given is not the one uploaded last:
 the batch's text conditioning and the bin's positional embedding are the same arrays every step, so they go to the
 device once per batch, not per step. Per step the copies are: latents and timesteps up (rows x 4 x h x w and rows
-floats), the noise prediction down (rows x 8 x h x w); the samplers' arithmetic stays in numpy on the host, a few
-hundred kilobytes. Slots are kept least recently used first out, within `max_slots` and `max_bytes` of buffers.
+floats), the noise prediction down (rows x 8 x h x w) for the samplers' arithmetic in numpy on the host, a few
+hundred kilobytes; with the device step (engine.step_graph) only the timesteps go up. Slots are kept least
+recently used first out, within `max_slots` and `max_bytes` of buffers.
 
 With CUDA graphs each slot is one captured graph, replayed through the `gpu_graph_id` run option. Continuous
 batching would otherwise make a new shape (and a new capture of a ~2,000-node graph) for every number of rows and
@@ -30,7 +31,9 @@ import onnxruntime as ort
 
 ROW_BUCKETS = (1, 2, 4, 8, 16)  # transformer rows a captured graph is made for
 TEXT_BUCKETS = (32, 64, 128, 300)  # text lengths a captured graph is made for (the longest T5 text is 300 tokens)
-CAPTURE_RUNS = 3  # ONNX Runtime captures a graph id within its first runs (after its warm-up runs)
+# ONNX Runtime captures a graph id inside its first run: having run once for its allocations, that Run call runs
+# again ("Start another run for necessary memory allocation or graph capture") until the graph is captured
+CAPTURE_RUNS = 1
 
 
 def graph_shape(rows: int, text_length: int) -> tuple[int, int]:
@@ -47,6 +50,7 @@ class Slot:
     inputs: dict[str, ort.OrtValue]
     output: ort.OrtValue
     nbytes: int
+    run_options: ort.RunOptions
     runs: int = 0
     uploaded: dict[str, np.ndarray] = field(default_factory=dict)  # the arrays last copied in (kept alive)
 
@@ -90,9 +94,19 @@ class BoundSession:
         output = ort.OrtValue.ortvalue_from_shape_and_type(output_shape, np.float32, self.device, self.device_id)
         binding.bind_ortvalue_output(self.output_name, output)
         # a graph id is never reused: an evicted slot's captured graph must not be replayed with new buffers
-        slot = self.slots[key] = Slot(self._next_graph_id, binding, values, output, nbytes)
+        slot = self.slots[key] = Slot(self._next_graph_id, binding, values, output, nbytes,
+                                      self._run_options(self._next_graph_id))
         self._next_graph_id += 1
         return slot
+
+    def _run_options(self, graph_id: int) -> ort.RunOptions:
+        """A slot's run options: its captured graph's id, and arena shrinkage when asked for."""
+        options = ort.RunOptions()
+        if self.cuda_graphs:
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        if self.shrink:
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{self.device_id}")
+        return options
 
     def _evict(self, key: tuple) -> None:
         slot = self.slots.pop(key)
@@ -118,16 +132,11 @@ class BoundSession:
 
     def execute(self, slot: Slot) -> None:
         """Run on the slot's buffers (the output stays on the device)."""
-        options = ort.RunOptions()
-        if self.cuda_graphs:
-            options.add_run_config_entry("gpu_graph_id", str(slot.graph_id))
-        if self.shrink:
-            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"gpu:{self.device_id}")
         if self.cuda_graphs and slot.runs < CAPTURE_RUNS:
             with self.device_lock:
-                self.session.run_with_iobinding(slot.binding, options)
+                self.session.run_with_iobinding(slot.binding, slot.run_options)
         else:
-            self.session.run_with_iobinding(slot.binding, options)
+            self.session.run_with_iobinding(slot.binding, slot.run_options)
         slot.runs += 1
 
     def close(self) -> None:
@@ -157,9 +166,11 @@ def pad_conditioning(context: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray,
 
 def capture_row_buckets(predict: Callable[..., np.ndarray], max_rows: int, latent_shape: tuple[int, int, int],
                         caption_channels: int) -> None:
-    """Run `predict(latents, timesteps, context, mask)` on zeros for every row bucket up to `max_rows`, often enough
-    that each bucket's CUDA graph is captured (at warm-up, rather than under the first requests)."""
-    for rows in (r for r in ROW_BUCKETS if r <= max_rows):
+    """Run `predict(latents, timesteps, context, mask)` on zeros for every row bucket a step of up to `max_rows`
+    rows is padded to, often enough that each bucket's CUDA graph is captured (at warm-up, rather than under the
+    first requests)."""
+    largest = graph_shape(max_rows, 1)[0]
+    for rows in (r for r in ROW_BUCKETS if r <= largest):
         context, mask = pad_conditioning(np.zeros((rows, 1, caption_channels), np.float32),
                                          np.ones((rows, 1), np.int64))
         for _ in range(CAPTURE_RUNS):

@@ -112,6 +112,8 @@ def unavailable_message(provider: str, missing: list[str]) -> str:
     if missing == [DRIVER]:
         return f"{provider} was asked for, but this machine has no NVIDIA driver ({DRIVER} does not load)"
     built = f" onnxruntime-gpu {ort.__version__} is built for CUDA {cuda};" if cuda else ""
+    major = str(cuda or "13").split(".")[0]
+    driver = {"12": " with a driver >= 525", "13": " with a driver >= 580"}.get(major, "")
     return (f"{provider} was asked for, but these libraries do not load: {', '.join(missing)}.{built} install "
-            "the matching CUDA runtime, cuBLAS and cuDNN 9 (the nvidia-*-cu13 wheels, or a CUDA 13 + cuDNN image "
-            "with a driver >= 580), or ask for CPUExecutionProvider")
+            f"the matching CUDA runtime, cuBLAS and cuDNN 9 (the nvidia-*-cu{major} wheels, or a CUDA {major} + "
+            f"cuDNN image{driver}), or ask for CPUExecutionProvider")

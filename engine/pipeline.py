@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.binding import capture_row_buckets, pad_conditioning, pad_rows
+from engine.binding import capture_row_buckets, graph_shape, pad_conditioning, pad_rows
 from engine.generation import BatchedText, Generation, advance, batch_latents, batch_timesteps, prompt_rows
 from engine.images import checked_vae_tile, decode_latents, encode_image
 from engine.manifest import Manifest
@@ -96,9 +96,11 @@ class Engine:
         acceleration = acceleration or Acceleration()
         if acceleration.cache_dir is None:
             acceleration = dataclasses.replace(acceleration, cache_dir=self.path / "trt-cache")
-        self._open_sessions(GraphOpener(files, providers, intra_op_threads, acceleration, self._profiles(max_rows)),
-                            text_encoder_device=text_encoder_device, text_encoder_resident=text_encoder_resident,
-                            memory_arena=memory_arena, io_binding=io_binding)
+        graphs = GraphOpener(files, providers, intra_op_threads, acceleration,
+                             self.tensorrt_profiles(max_rows, acceleration.cuda_graphs))
+        self._open_sessions(graphs, text_encoder_device=text_encoder_device,
+                            text_encoder_resident=text_encoder_resident, memory_arena=memory_arena,
+                            io_binding=io_binding)
         self.trim_text = trim_text
         self.guidance_in_one_batch = guidance_in_one_batch
         self.text_cache: KeyedEmbeddingCache = open_text_cache(
@@ -106,7 +108,7 @@ class Engine:
             int(text_cache_disk_mb * 2**20))
         self.vae_tile = checked_vae_tile(vae_tile, self.vae_scale)
         self.tokenizer = T5Tokenizer.from_file(files["tokenizer"])
-        self.safety_checker = open_safety_checker(self.manifest, providers, intra_op_threads)
+        self.safety_checker = open_safety_checker(self.manifest, graphs)
         self.flagged_images = flagged_images
         # Parsing a graph holds its protobuf beside the weights it copies out; glibc keeps those pages after the
         # parse (270 MB of a 384 MB graph, measured) unless asked to give them back.
@@ -139,12 +141,15 @@ class Engine:
         self.vae_scaling_factor = float(self.manifest["vae"]["scaling_factor"])
         self.scheduler_config = self.manifest["scheduler"]["config"]
 
-    def _profiles(self, max_rows: int) -> dict[str, list]:
-        """TensorRT's optimization profiles: every bin, up to `max_rows` rows and the longest text."""
+    def tensorrt_profiles(self, max_rows: int, cuda_graphs: bool = False) -> dict[str, dict]:
+        """TensorRT's optimization profiles: every bin, up to `max_rows` rows and the longest text; with CUDA graphs
+        up to the buckets those are padded to (engine.binding.graph_shape)."""
+        rows, text = graph_shape(max_rows, self.max_sequence_length) if cuda_graphs else (
+            max_rows, self.max_sequence_length)
         return shape_profiles(
-            self.bins, max_rows=max_rows, latent_channels=self.latent_channels, vae_scale=self.vae_scale,
+            self.bins, max_rows=rows, latent_channels=self.latent_channels, vae_scale=self.vae_scale,
             patch_size=self.patch_size, inner_dim=self.inner_dim, caption_channels=self.caption_channels,
-            max_text=self.max_sequence_length,
+            max_text=text,
         )
 
     def _open_sessions(self, graphs: GraphOpener, *, text_encoder_device: str, text_encoder_resident: bool,
@@ -186,6 +191,7 @@ class Engine:
             self.device_steps.close()
         if self.bound_transformer is not None:
             self.bound_transformer.close()
+        self.device_steps = None
         self.text_cache.clear()
         self.text_encoder = self.transformer = self.vae_decoder = None
         self.bound_transformer = self.safety_checker = None
@@ -306,7 +312,8 @@ class Engine:
             pixels = to_uint8(resize_and_crop(decoded, width, height))
             flags = [False] * len(pixels)
             if g.request.enable_safety_checker:
-                flags = self.safety_checker.check(pixels)
+                with self._capture_guard():
+                    flags = self.safety_checker.check(pixels)
                 pixels = self.safety_checker.apply(pixels, flags, self.flagged_images)
             t2 = time.perf_counter()
             images = [encode_image(p, g.request.output_format, n) for n, p in enumerate(pixels)]
@@ -409,10 +416,16 @@ class Engine:
         """(B, 4, h, w) final latents -> (B, 3, H, W) images in about [-1, 1] (whole, or in tiles of `vae_tile`).
         With CUDA graphs it waits out a transformer run that may be capturing (see engine.binding)."""
         self._check_open()
-        bound = self.bound_transformer
-        with bound.device_lock if bound is not None and bound.cuda_graphs else contextlib.nullcontext():
+        with self._capture_guard():
             return decode_latents(lambda z: self.vae_decoder.run(None, {"latents": z}, self._shrink)[0], latents,
                                   self.vae_scaling_factor, tile=self.vae_tile, scale_factor=self.vae_scale)
+
+
+    def _capture_guard(self) -> contextlib.AbstractContextManager:
+        """Held by GPU work off the stepping thread (the VAE decode, the safety checker) while a transformer run may
+        be capturing a CUDA graph: stream capture must not see another thread's work on the device."""
+        bound = self.bound_transformer
+        return bound.device_lock if bound is not None and bound.cuda_graphs else contextlib.nullcontext()
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -5,9 +5,10 @@ TensorRT providers parse (a test checks them against the provider libraries of t
 
 * CUDA: the device, and `enable_cuda_graph` for the transformer when CUDA graphs are asked for (each captured graph
   is then picked per run with the `gpu_graph_id` run option, see engine.binding).
-* TensorRT: fp16, an engine cache and a timing cache in a folder beside the export (built once, reused at every
-  start), CUDA graphs, and one optimization profile per graph whose min/opt/max shapes come from the export's bin
-  table and the server's batch limits (`shape_profiles`), so that no request shape falls outside a built engine.
+* TensorRT: fp16 for the transformer, an engine cache and a timing cache in a folder beside the export (built
+  once, reused at every start), CUDA graphs, and one optimization profile per graph whose min/opt/max shapes come
+  from the export's bin table and the server's batch limits (`shape_profiles`), so that no request shape falls
+  outside a built engine.
 """
 
 from __future__ import annotations
@@ -60,46 +61,47 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max)
 
 def shape_profiles(bins: Mapping[str, list[int]], *, max_rows: int, latent_channels: int, vae_scale: int,
                    patch_size: int, inner_dim: int, caption_channels: int, max_text: int
-                   ) -> dict[str, list[Profile]]:
-    """Per graph, the TensorRT optimization profiles that cover every request: one to `max_rows` transformer rows,
-    text up to `max_text` tokens, every bin of the table. The transformer gets one profile per bin, since its latents
-    and positional embedding must agree on the number of tokens (one profile spanning all bins would admit latents
-    of one bin with positions of another); "opt" is one guided image with a 32-token text. T5 and the VAE (one image
+                   ) -> dict[str, Profile]:
+    """Per graph, the TensorRT optimization profile that covers every request: one to `max_rows` transformer rows,
+    text up to `max_text` tokens, every bin of the table. One profile per graph: ONNX Runtime's TensorRT provider
+    builds several but keeps its execution context on the first (microsoft/onnxruntime#31624, open in 1.31), so
+    shapes of any other fail. The transformer's spans every bin, its positions' tokens following the latents' sides
+    at min, opt and max; "opt" is one guided image of the squarest bin with a 32-token text. T5 and the VAE (one image
     per call) take one profile each."""
     sides = [(h // vae_scale, w // vae_scale) for h, w in bins.values()]
     t_opt = min(32, max_text)
-    transformer = []
-    for h, w in sorted(set(sides)):
-        tokens = h * w // patch_size**2
-        transformer.append({
-            "latents": ((1, latent_channels, h, w), (2, latent_channels, h, w), (max_rows, latent_channels, h, w)),
+    square = min(sides, key=lambda s: abs(s[0] - s[1]))
+    low = (min(h for h, _ in sides), min(w for _, w in sides))
+    high = (max(h for h, _ in sides), max(w for _, w in sides))
+
+    def tokens(side: tuple[int, int]) -> int:
+        return side[0] * side[1] // patch_size**2
+
+    return {
+        "transformer": {
+            "latents": ((1, latent_channels, *low), (2, latent_channels, *square), (max_rows, latent_channels, *high)),
             "timestep": ((1,), (2,), (max_rows,)),
             "encoder_hidden_states": ((1, 1, caption_channels), (2, t_opt, caption_channels),
                                       (max_rows, max_text, caption_channels)),
             "encoder_attention_mask": ((1, 1), (2, t_opt), (max_rows, max_text)),
-            "pos_embed": ((1, tokens, inner_dim),) * 3,
-        })
-    square = min(sides, key=lambda s: abs(s[0] - s[1]))
-    low = (1, latent_channels, min(h for h, _ in sides), min(w for _, w in sides))
-    high = (1, latent_channels, max(h for h, _ in sides), max(w for _, w in sides))
-    return {
-        "transformer": transformer,
-        "text_encoder": [{
+            "pos_embed": tuple((1, tokens(side), inner_dim) for side in (low, square, high)),
+        },
+        "text_encoder": {
             "input_ids": ((1, 1), (2, t_opt), (max_rows, max_text)),
             "attention_mask": ((1, 1), (2, t_opt), (max_rows, max_text)),
-        }],
-        "vae_decoder": [{"latents": (low, (1, latent_channels, *square), high)}],
+        },
+        "vae_decoder": {"latents": ((1, latent_channels, *low), (1, latent_channels, *square),
+                                    (1, latent_channels, *high))},
     }
 
 
-def _profile_string(profiles: list[Profile], which: int) -> str:
-    """TensorRT's "input:dxd...,input:dxd..." list; an input named again starts the next profile."""
-    return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[which])}"
-                    for profile in profiles for name, shapes in profile.items())
+def _profile_string(profile: Profile, which: int) -> str:
+    """TensorRT's "input:dxd,input:dxd" list of the min (0), opt (1) or max (2) shapes."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[which])}" for name, shapes in profile.items())
 
 
 def provider_options(provider: str, graph: str, acceleration: Acceleration,
-                     profiles: Mapping[str, list[Profile]] | None = None, memory_arena: bool = True
+                     profiles: Mapping[str, Profile] | None = None, memory_arena: bool = True
                      ) -> dict[str, str]:
     """The options of `provider` for `graph` ("text_encoder", "transformer", "vae_decoder", ...)."""
     a = acceleration
@@ -166,7 +168,7 @@ def create_session(
     *,
     graph: str = "",
     acceleration: Acceleration | None = None,
-    profiles: Mapping[str, list[Profile]] | None = None,
+    profiles: Mapping[str, Profile] | None = None,
 ) -> ort.InferenceSession:
     """`memory_arena=False` hands each buffer back after use instead of keeping the run's peak for the next run."""
     providers = tuple(providers or default_providers())
@@ -176,11 +178,13 @@ def create_session(
     acceleration = acceleration or Acceleration(cache_dir=Path(path).parent / "trt-cache")
     options = session_options(intra_op_threads, memory_arena, on_gpu=asked != CPU)
     with_options = [(p, provider_options(p, graph, acceleration, profiles, memory_arena)) for p in providers]
-    session = ort.InferenceSession(str(path), options, providers=with_options)
+    # no fallback: ONNX Runtime would otherwise build a CPU session when the GPU one fails (or move a session to
+    # the CPU when a GPU run fails), print the cause to stdout and go on
+    session = ort.InferenceSession(str(path), options, providers=with_options, enable_fallback=0)
     used = session.get_providers()
     if used[0] != asked:
         raise ProviderUnavailable(f"{Path(path).name}: {asked} was asked for, but the session runs on {used[0]} "
-                                  "(ONNX Runtime could not create it; run with PIXART_LOG_LEVEL=DEBUG and "
+                                  "(ONNX Runtime did not register it; run with PIXART_LOG_LEVEL=DEBUG and "
                                   "ORT's verbose logging to see why)")
     return session
 

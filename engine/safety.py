@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from engine.runtime import create_session
+from engine.runtime import Acceleration, create_session
 from engine.vocabulary import FLAGGED_IMAGE_MODES as MODES
 
 
@@ -36,9 +36,10 @@ class SafetyChecker:
     @classmethod
     def from_manifest(
         cls, export_dir: str | Path, entry: dict, providers: list[str] | tuple[str, ...] | None = None,
-        intra_op_threads: int = 0,
+        intra_op_threads: int = 0, acceleration: Acceleration | None = None,
     ) -> SafetyChecker:
-        session = create_session(Path(export_dir) / entry["file"], providers, intra_op_threads)
+        session = create_session(Path(export_dir) / entry["file"], providers, intra_op_threads,
+                                 graph="safety_checker", acceleration=acceleration)
         return cls(session, entry["preprocess"])
 
     # ---- preprocessing ----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ class GraphOpener:
         providers: list[str] | tuple[str, ...] | None,
         intra_op_threads: int,
         acceleration: Acceleration,
-        profiles: Mapping[str, list[Profile]],
+        profiles: Mapping[str, Profile],
     ):
         self.files, self.providers, self.intra_op_threads = files, providers, intra_op_threads
         self.acceleration, self.profiles = acceleration, profiles
@@ -59,9 +59,9 @@ def bind_transformer(
     return BoundSession(transformer, device, acceleration.device_id, acceleration.cuda_graphs, shrink=shrink)
 
 
-def open_safety_checker(
-    manifest: Manifest, providers: list[str] | tuple[str, ...] | None, intra_op_threads: int
-) -> SafetyChecker | None:
-    """The export's safety checker, or None when it was exported without one."""
+def open_safety_checker(manifest: Manifest, graphs: GraphOpener) -> SafetyChecker | None:
+    """The export's safety checker (with the other graphs' providers and settings), or None when it was exported
+    without one."""
     entry = manifest.get("safety_checker")
-    return SafetyChecker.from_manifest(manifest.folder, entry, providers, intra_op_threads) if entry else None
+    return SafetyChecker.from_manifest(manifest.folder, entry, graphs.providers, graphs.intra_op_threads,
+                                       graphs.acceleration) if entry else None

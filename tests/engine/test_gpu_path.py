@@ -95,15 +95,17 @@ def test_rows_and_text_padded_for_captured_graphs_give_the_same_images(engine, d
 
 
 def test_warm_up_makes_the_default_bins_graphs_for_every_row_bucket(default_export):
+    """Every bucket a step can be padded to, the one above `max_rows` too (6 rows pad to 8)."""
     from engine import Engine
+    from engine.binding import CAPTURE_RUNS
 
-    padded = Engine.load(default_export, io_binding=True, max_rows=8)
+    padded = Engine.load(default_export, io_binding=True, max_rows=6)
     padded.graph_shapes = True
     padded.warmup()
     made = {dict((n, shape) for n, shape, _ in key)["latents"] for key in padded.bound_transformer.slots}
     h, w = (side // 8 for side in padded.binned_size(GenerationRequest(prompt="the default size")))
     assert {(rows, 4, h, w) for rows in (1, 2, 4, 8)} <= made
-    assert all(slot.runs >= 3 for slot in padded.bound_transformer.slots.values())  # past their capture
+    assert all(slot.runs >= CAPTURE_RUNS for slot in padded.bound_transformer.slots.values())  # captured
 
 
 def test_groups_stepped_in_turn_send_their_text_once(default_export):
@@ -164,8 +166,8 @@ def _library_strings(name: str) -> set[str]:
 
 
 def test_provider_options_are_names_the_providers_parse(default_export):
-    profiles = {"transformer": [{"latents": ((1, 4, 16, 16), (2, 4, 16, 16), (8, 4, 16, 16))},
-                                {"latents": ((1, 4, 32, 32), (2, 4, 32, 32), (8, 4, 32, 32))}]}
+    profiles = {"transformer": {"latents": ((1, 4, 16, 16), (2, 4, 32, 32), (8, 4, 48, 48)),
+                                "timestep": ((1,), (2,), (8,))}}
     acceleration = Acceleration(cuda_graphs=True, cache_dir=Path("/tmp/cache"))
     for provider, library in ((CUDA, "cuda"), (TENSORRT, "tensorrt")):
         known = {s.decode() for s in _library_strings(library)}
@@ -175,8 +177,7 @@ def test_provider_options_are_names_the_providers_parse(default_export):
                 unknown = set(options) - known
                 assert not unknown, (provider, unknown)
     trt = provider_options(TENSORRT, "transformer", acceleration, profiles)
-    # two profiles: an input named again starts the next one
-    assert trt["trt_profile_opt_shapes"] == "latents:2x4x16x16,latents:2x4x32x32"
+    assert trt["trt_profile_opt_shapes"] == "latents:2x4x32x32,timestep:2"
     assert trt["trt_cuda_graph_enable"] == "1"
     assert trt["trt_engine_cache_path"] == trt["trt_timing_cache_path"] == "/tmp/cache"
     # fp16 for the transformer only: T5 and the VAE keep the fp32 islands that keep them finite
@@ -190,29 +191,42 @@ def test_provider_options_are_names_the_providers_parse(default_export):
     assert provider_options("CPUExecutionProvider", "transformer", acceleration) == {}
 
 
+def within(shape, bounds) -> bool:
+    low, _, high = bounds
+    return all(lo <= s <= hi for lo, s, hi in zip(low, shape, high, strict=True))
+
+
 def test_tensorrt_profiles_cover_every_bin_and_batch_without_contradiction(engine):
+    """One profile per graph (ONNX Runtime's TensorRT provider runs the first profile only), covering every bin,
+    batch and text; the transformer's positions agree with its latents on the tokens at min, opt and max."""
     profiles = shape_profiles(engine.bins, max_rows=8, latent_channels=4, vae_scale=8, patch_size=2,
                               inner_dim=engine.inner_dim, caption_channels=48, max_text=300)
-
-    def within(shape, bounds) -> bool:
-        low, _, high = bounds
-        return all(lo <= s <= hi for lo, s, hi in zip(low, shape, high, strict=True))
-
-    tr, (vae,) = profiles["transformer"], profiles["vae_decoder"]
-    assert len(tr) == len({tuple(side) for side in engine.bins.values()})  # one per bin
+    tr, vae = profiles["transformer"], profiles["vae_decoder"]
     for h, w in engine.bins.values():
         for rows in (1, 2, 8):
             for length in (1, 32, 300):
                 shapes = {"latents": (rows, 4, h // 8, w // 8), "timestep": (rows,),
                           "encoder_hidden_states": (rows, length, 48), "encoder_attention_mask": (rows, length),
                           "pos_embed": (1, (h // 16) * (w // 16), engine.inner_dim)}
-                assert any(all(within(shape, p[name]) for name, shape in shapes.items()) for p in tr), (h, w)
+                assert all(within(shape, tr[name]) for name, shape in shapes.items()), (h, w, rows, length)
         assert within((1, 4, h // 8, w // 8), vae["latents"])
-    for profile in tr:  # latents and positions agree on the tokens at min, opt and max
-        for which in range(3):
-            _, _, lh, lw = profile["latents"][which]
-            assert profile["pos_embed"][which][1] == (lh // 2) * (lw // 2)
+    for which in range(3):
+        _, _, lh, lw = tr["latents"][which]
+        assert tr["pos_embed"][which][1] == (lh // 2) * (lw // 2)
+    for profile in profiles.values():
         assert all(within(bounds[1], bounds) for bounds in profile.values())  # opt inside [min, max]
+    options = provider_options(TENSORRT, "transformer", Acceleration(), profiles)
+    assert options["trt_profile_max_shapes"].count("latents:") == 1
+
+
+def test_tensorrt_profiles_reach_the_shapes_captured_graphs_are_padded_to(engine, monkeypatch):
+    """With CUDA graphs 5 or 6 rows pad to 8, and a text of 120 tokens (an export's limit) to 128: the profile
+    must admit them."""
+    monkeypatch.setattr(engine, "max_sequence_length", 120)
+    plain = engine.tensorrt_profiles(6)["transformer"]
+    captured = engine.tensorrt_profiles(6, cuda_graphs=True)["transformer"]
+    assert plain["encoder_attention_mask"][2] == (6, 120)
+    assert captured["encoder_attention_mask"][2] == (8, 128) and captured["latents"][2][0] == 8
 
 
 def test_build_engines_builds_what_serve_asks_for(default_export, tmp_path):
