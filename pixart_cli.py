@@ -58,6 +58,7 @@ def _infer(args: argparse.Namespace) -> None:
         seed=args.seed,
         num_images=args.num_images,
         output_format=args.format,
+        step_cache=args.step_cache,
     )
     engine.check(request)
     with tqdm(total=request.num_inference_steps, desc="denoising", unit="step") as bar:
@@ -69,7 +70,8 @@ def _infer(args: argparse.Namespace) -> None:
         path.write_bytes(image.data)
         print(f"wrote {path} ({image.width}x{image.height}, {image.content_type})")
     timings = {k: round(v, 3) for k, v in result.timings.items()}
-    print(json.dumps({"seed": result.seed, "providers": engine.providers, "timings_s": timings}))
+    print(json.dumps({"seed": result.seed, "providers": engine.providers, "timings_s": timings,
+                      "steps_computed": result.steps_computed, "steps_cached": result.steps_cached}))
 
 
 def _build_engines(args: argparse.Namespace) -> None:
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--format", default=v.DEFAULT_FORMAT, choices=v.OUTPUT_FORMATS)
+    p.add_argument("--step-cache", default=v.DEFAULT_STEP_CACHE, choices=v.STEP_CACHE_MODES,
+                   help="skip transformer work on steps predicted to change little (README 'Step caching')")
     p.add_argument("--variant", default=None, help="graph set of the export: optimized, fp32, int8")
     p.add_argument("--providers", default=os.environ.get("PIXART_PROVIDERS"),
                    help="comma-separated ONNX Runtime providers (PIXART_PROVIDERS); default: the best present")

@@ -3,6 +3,8 @@ engine (EngineSide), each loading, running the three stages and generating a bat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from benchmarks.common.prompts import NEGATIVE, PROMPTS
@@ -123,6 +125,11 @@ class EngineSide(Side):
         from engine.runtime import CPU, CUDA, Acceleration
 
         options = dict(self.spec["engine_options"])
+        replay = options.pop("replay_step_cache", None)
+        if replay is not None:  # cached modes on untrained weights: the trained default's decisions
+            from benchmarks.step_cache_replay import install
+
+            install(Path(replay), self.spec["guidance"], self.spec["steps"])
         if "acceleration" in options:
             options["acceleration"] = Acceleration(**options["acceleration"])
         # a variant names its providers only to ask for TensorRT: otherwise CUDA on the GPU, the CPU on the CPU

@@ -33,13 +33,17 @@ GRID_PROMPTS = (
 )
 
 
-def generate(engine, prompt: str, size: tuple[int, int], guidance: float, scheduler: str, seed: int) -> np.ndarray:
-    """One (H, W, 3) uint8 picture from the engine (the pixels it encoded, not decoded back from the file)."""
+def request_for(prompt: str, size: tuple[int, int], guidance: float, scheduler: str, seed: int, **options):
+    """The engine request the evaluation makes of a held-out prompt (`options`: other request fields)."""
     from engine import GenerationRequest
 
-    request = GenerationRequest(prompt=prompt, image_size=size, guidance_scale=guidance, scheduler=scheduler,
-                                num_inference_steps=STEPS, seed=seed)
-    return engine.generate(request).images[0].pixels
+    return GenerationRequest(prompt=prompt, image_size=size, guidance_scale=guidance, scheduler=scheduler,
+                             num_inference_steps=STEPS, seed=seed, **options)
+
+
+def generate(engine, prompt: str, size: tuple[int, int], guidance: float, scheduler: str, seed: int) -> np.ndarray:
+    """One (H, W, 3) uint8 picture from the engine (the pixels it encoded, not decoded back from the file)."""
+    return engine.generate(request_for(prompt, size, guidance, scheduler, seed)).images[0].pixels
 
 
 def evaluate(engine, guidance: float, scheduler: str, n: int = len(scenes.HELD_OUT)) -> dict[str, float]:

@@ -18,6 +18,9 @@ import numpy as np
 from engine.binding import pad_conditioning
 from engine.request import GenerationRequest
 from engine.schedulers import Scheduler
+from engine.step_cache import StepCache, data_conversions
+
+Row = tuple["Generation", int, int]  # (generation, half: 0 prompt / 1 negative prompt, image)
 
 
 @dataclass(eq=False)
@@ -40,6 +43,9 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     denoise_started: float | None = None
+    cache: StepCache | None = None  # None: every row computes every step
+    steps_computed: int = 0  # row-steps run through the transformer
+    steps_cached: int = 0  # row-steps taken from the step cache
 
     @property
     def guided(self) -> bool:
@@ -105,9 +111,13 @@ class BatchedText:
         self._cached.clear()
 
 
-def prompt_rows(generations: Sequence[Generation]) -> int:
-    """Rows of the batch's prompt half; the negative-prompt rows of the guided generations follow them."""
-    return sum(len(g.latents) for g in generations)
+def prompt_rows(batch: Sequence[Generation] | Sequence[Row]) -> int | None:
+    """Rows of a batch's prompt half, the negative-prompt rows following them (None when there are none): of a
+    batch of generations, or of some of their rows."""
+    if batch and isinstance(batch[0], tuple):
+        prompt = sum(1 for _, half, _ in batch if half == 0)
+        return prompt if prompt < len(batch) else None
+    return sum(len(g.latents) for g in batch) if any(g.guided for g in batch) else None
 
 
 def batch_latents(generations: Sequence[Generation]) -> tuple[np.ndarray, np.ndarray]:
@@ -122,23 +132,86 @@ def batch_timesteps(generations: Sequence[Generation]) -> np.ndarray:
                            for g in [*generations, *(g for g in generations if g.guided)]])
 
 
-def advance(generations: Sequence[Generation], noise_pred: np.ndarray, latent_channels: int) -> None:
-    """Each generation takes its rows of the batch's noise prediction, applies its own guidance scale and steps its
-    own sampler (with its own noise stream)."""
-    split = prompt_rows(generations)
-    cond_rows, uncond_rows = noise_pred[:split], noise_pred[split:]
-    row = uncond_row = 0
+def batch_rows(generations: Sequence[Generation]) -> list[Row]:
+    """Every transformer row of a batch in row order: each generation's images (prompt half), then the guided
+    generations' images again (negative-prompt half)."""
+    return [(g, half, i) for half in (0, 1) for g in generations if half == 0 or g.guided
+            for i in range(len(g.latents))]
+
+
+def rows_computing(rows: Sequence[Row]) -> list[bool]:
+    """Whether each row runs the model this step: always without a step cache, else as its own request's history
+    decides. A guided image's two halves decide together, either one computing computes both (engine.step_cache
+    says why)."""
+    wants = {(id(g), half, i): g.cache is None or g.cache.rows[half * len(g.latents) + i].computes(
+        g.latents[i], g.step_index, g.total_steps) for g, half, i in rows}
+    return [wants[id(g), 0, i] or (g.guided and wants[id(g), 1, i]) for g, _, i in rows]
+
+
+def begin_step(generations: Sequence[Generation]) -> None:
+    """Check that these generations can step together (one size bin, none finished); start their denoising clocks."""
+    if len({g.size_bin for g in generations}) != 1:
+        raise ValueError("generations stepped together must share a size bin")
+    now = time.perf_counter()
     for g in generations:
-        n = len(g.latents)
-        eps = cond_rows[row : row + n]
+        if g.done:
+            raise ValueError("a finished generation was stepped again")
+        if g.denoise_started is None:
+            g.denoise_started = now
+
+
+def gather_rows(rows: Sequence[Row], *, pad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Latents, timesteps, text states and masks of just these rows (a batch some rows skip), in their order;
+    `pad`: the text to the shape a captured graph is made for (engine.binding.graph_shape)."""
+    length = max(g.context.shape[1] for g, _, _ in rows)
+    first = rows[0][0]
+    context = np.zeros((len(rows), length, first.context.shape[2]), np.float32)
+    mask = np.zeros((len(rows), length), np.int64)
+    for r, (g, half, _) in enumerate(rows):
+        width = g.context.shape[1]
+        context[r, :width] = g.context[half]
+        mask[r, :width] = g.mask[half]
+    x = np.stack([g.latents[i] for g, _, i in rows])
+    t = np.array([g.sampler.timesteps[g.step_index] for g, _, _ in rows], np.float32)
+    if pad:
+        context, mask = pad_conditioning(context, mask)
+    return x, t, context, mask
+
+
+def advance(generations: Sequence[Generation], noise_pred: np.ndarray, latent_channels: int,
+            computing: Sequence[bool] | None = None) -> None:
+    """Each generation takes its rows' model outputs (the computed rows of the batch's noise prediction, in order;
+    a forecast from its step cache for the rows that skipped), applies its own guidance scale and steps its own
+    sampler (with its own noise stream). `computing`: per row of `batch_rows`, default all."""
+    rows = batch_rows(generations)
+    computing = computing if computing is not None else [True] * len(rows)
+    outputs: dict[tuple[int, int], list[np.ndarray]] = {}
+    computed = 0
+    for (g, half, i), computes in zip(rows, computing, strict=True):
+        t = float(g.sampler.timesteps[g.step_index])
+        row = g.cache.rows[half * len(g.latents) + i] if g.cache is not None else None
+        if row is not None:
+            to_data, from_data = data_conversions(float(g.sampler.sigmas[g.step_index]),
+                                                  g.sampler.config.get("prediction_type", "epsilon"))
+        if computes:
+            # learned sigma: keep the prediction half (epsilon or v)
+            out = noise_pred[computed, :latent_channels]
+            computed += 1
+            g.steps_computed += 1
+            if row is not None:
+                row.record(g.latents[i], t, out, g.step_index, to_data)
+        else:
+            out = row.forecast(g.latents[i], t, from_data)
+            g.steps_cached += 1
+        outputs.setdefault((id(g), half), []).append(out)
+    for g in generations:
+        eps = np.stack(outputs[id(g), 0])
         if g.guided:
-            uncond = uncond_rows[uncond_row : uncond_row + n]
+            uncond = np.stack(outputs[id(g), 1])
             eps = uncond + np.float32(g.request.guidance_scale) * (eps - uncond)
-            uncond_row += n
-        row += n
-        eps = eps[:, :latent_channels]  # learned sigma: keep the prediction half (epsilon or v)
         noise = g.rng.standard_normal(g.latents.shape, dtype=np.float32) if g.sampler.needs_noise else None
         g.latents = g.sampler.step(eps, g.latents, noise)
         g.step_index += 1
         if g.done:
             g.timings["denoising"] = time.perf_counter() - g.denoise_started
+            g.cache = None  # its history is no longer needed

@@ -25,7 +25,18 @@ from pathlib import Path
 import numpy as np
 
 from engine.binding import capture_row_buckets, graph_shape, pad_conditioning, pad_rows
-from engine.generation import BatchedText, Generation, advance, batch_latents, batch_timesteps, prompt_rows
+from engine.generation import (
+    BatchedText,
+    Generation,
+    advance,
+    batch_latents,
+    batch_rows,
+    batch_timesteps,
+    begin_step,
+    gather_rows,
+    prompt_rows,
+    rows_computing,
+)
 from engine.images import checked_vae_tile, decode_latents, encode_image
 from engine.manifest import Manifest
 from engine.positions import sincos_pos_embed
@@ -34,11 +45,12 @@ from engine.resolution import classify_bin, resize_and_crop, to_uint8
 from engine.runtime import Acceleration, default_providers, release_freed_memory, shape_profiles, shrink_after_runs
 from engine.schedulers import make_scheduler
 from engine.sessions import GraphOpener, bind_transformer, open_safety_checker
+from engine.step_cache import step_cache_for
 from engine.step_graph import device_steps_for
 from engine.text import T5Tokenizer
 from engine.text_cache import KeyedEmbeddingCache, open_text_cache
 from engine.text_encoding import encode_texts, prompt_texts, text_length
-from engine.vocabulary import FLAGGED_IMAGE_MODES
+from engine.vocabulary import DEFAULT_STEP_CACHE, FLAGGED_IMAGE_MODES, STEP_CACHE_MODES
 
 TEXT_ENCODER_DEVICES = ("auto", "cpu")
 
@@ -70,6 +82,7 @@ class Engine:
         text_cache_disk_mb: float = 1024,
         memory_arena: bool = True,
         device_step: bool | None = None,
+        step_cache: str = DEFAULT_STEP_CACHE,
     ):
         """`io_binding`: keep the transformer's inputs and output in device buffers between steps (default: on
         when it runs on a GPU). `acceleration`: GPU provider settings (device, CUDA graphs, TensorRT fp16 and
@@ -84,8 +97,10 @@ class Engine:
         `memory_arena=False` frees the transformer's activations after every call instead of keeping their peak
         for the next one (measured at 1024²: 1.5 GB that would otherwise sit beside the VAE decode).
         `device_step`: guidance and the sampler update on the transformer's device too (engine.step_graph; default:
-        on with IO binding on a GPU)."""
+        on with IO binding on a GPU). `step_cache`: the mode of requests that name none (engine.step_cache)."""
         _check_choice("flagged_images", flagged_images, FLAGGED_IMAGE_MODES)
+        _check_choice("step_cache", step_cache, STEP_CACHE_MODES)
+        self.step_cache = step_cache
         _check_choice("text_encoder_device", text_encoder_device, TEXT_ENCODER_DEVICES)
         self.manifest = Manifest.load(export_dir, verify=verify_files)
         self.path = self.manifest.folder
@@ -269,36 +284,42 @@ class Engine:
         generation = Generation(
             request=request, seed=seed, size_bin=(height, width), rng=rng, sampler=sampler,
             latents=latents * np.float32(sampler.init_noise_sigma), context=context, mask=mask, started=started,
+            cache=step_cache_for(request.step_cache or self.step_cache, request.num_images, request.do_guidance),
         )
         generation.timings["text_encoding"] = time.perf_counter() - started
         return generation
 
     def step(self, generations: Sequence[Generation]) -> None:
         """One denoising step for every generation: one transformer call (two with `guidance_in_one_batch` off)
-        over all their rows, then each advances its own sampler. They must share a latent size."""
+        over all their rows, then each advances its own sampler. They must share a latent size. Rows of requests
+        with a step cache that skip this step stay out of the call and take their cache's forecast."""
         self._check_open()
         if not generations:
             return
-        if len({g.size_bin for g in generations}) != 1:
-            raise ValueError("generations stepped together must share a size bin")
-        now = time.perf_counter()
-        for g in generations:
-            if g.done:
-                raise ValueError("a finished generation was stepped again")
-            if g.denoise_started is None:
-                g.denoise_started = now
-        context, mask = self._batched_text.get(generations, pad=self.graph_shapes)
+        begin_step(generations)
         height, width = generations[0].size_bin
         pos_embed = sincos_pos_embed(self.inner_dim, height // self.vae_scale // self.patch_size,
                                      width // self.vae_scale // self.patch_size, *self.pos_geometry)
-        if self.device_steps is not None:  # guidance and the sampler update where the transformer runs
+        caching = any(g.cache is not None for g in generations)
+        if self.device_steps is not None and not caching:  # guidance and the sampler update where it runs
+            context, mask = self._batched_text.get(generations, pad=self.graph_shapes)
             self.device_steps.step(generations, batch_timesteps(generations), context, mask, pos_embed,
                                    self.out_channels)
+            for g in generations:
+                g.steps_computed += g.rows
             return
-        x, t = batch_latents(generations)
-        split = prompt_rows(generations) if any(g.guided for g in generations) else None
-        noise_pred = self.predict_noise(x, t, context, mask, pos_embed, split=split)
-        advance(generations, noise_pred, self.latent_channels)
+        if self.device_steps is not None:  # the bin's rows step on the host while any of them caches
+            self.device_steps.release(generations[0].size_bin)
+        computing = rows_computing(batch_rows(generations)) if caching else None
+        if computing is None or all(computing):
+            context, mask = self._batched_text.get(generations, pad=self.graph_shapes)
+            x, t = batch_latents(generations)
+            noise_pred = self.predict_noise(x, t, context, mask, pos_embed, split=prompt_rows(generations))
+        else:  # only the rows that compute enter the transformer call
+            rows = [row for row, computes in zip(batch_rows(generations), computing, strict=True) if computes]
+            noise_pred = self.predict_noise(*gather_rows(rows, pad=self.graph_shapes), pos_embed,
+                                            split=prompt_rows(rows)) if rows else None
+        advance(generations, noise_pred, self.latent_channels, computing)
 
     def finish(self, generations: Sequence[Generation]) -> list[GenerationResult]:
         """Decode, resize and crop back to the requested size, run the safety checker, encode the images."""
@@ -321,7 +342,8 @@ class Engine:
             timings = {"text_encoding": 0.0, "denoising": 0.0, **g.timings, "decoding": t1 - t0, "safety": t2 - t1,
                        "image_encoding": t3 - t2, "total": t3 - g.started}
             results.append(GenerationResult(images=images, seed=g.seed, prompt=g.request.prompt,
-                                            has_nsfw_concepts=[bool(f) for f in flags], timings=timings))
+                                            has_nsfw_concepts=[bool(f) for f in flags], timings=timings,
+                                            steps_computed=g.steps_computed, steps_cached=g.steps_cached))
         return results
 
     # ---- whole requests: thin loops over the stages ---------------------------------------------------------

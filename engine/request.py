@@ -24,6 +24,7 @@ from engine.vocabulary import (
     MIN_SIDE,
     OUTPUT_FORMATS,
     SCHEDULERS,
+    STEP_CACHE_MODES,
     STYLE_NAMES,
 )
 
@@ -59,6 +60,8 @@ class GenerationRequest:
     sync_mode: bool = True  # a transport concern; the engine always returns bytes
     output_format: str = DEFAULT_FORMAT
     clean_caption: bool = True  # diffusers' default; off only to compare with pipelines that skip it
+    # "off" (exact), "balanced" or "fast" (engine/step_cache.py); None: the engine's default (Engine(step_cache=))
+    step_cache: str | None = None
     # Explicit initial latents (num_images, 4, H/8, W/8) at the binned size, for parity tests.
     latents: np.ndarray | None = field(default=None, compare=False, repr=False)
 
@@ -114,6 +117,8 @@ class GenerationRequest:
                 v.append((name, "must be a boolean"))
         if self.output_format not in OUTPUT_FORMATS:
             v.append(("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}"))
+        if self.step_cache is not None and self.step_cache not in STEP_CACHE_MODES:
+            v.append(("step_cache", f"must be one of {', '.join(STEP_CACHE_MODES)}"))
         return v
 
     def validate(self) -> GenerationRequest:
@@ -159,3 +164,7 @@ class GenerationResult:
     has_nsfw_concepts: list[bool]
     # seconds per stage: text_encoding, denoising, decoding, safety, image_encoding, total
     timings: dict[str, float]
+    # transformer row-steps (a guided image is two rows a step): run through the model, and taken from the step
+    # cache instead; computed + cached = steps x rows
+    steps_computed: int = 0
+    steps_cached: int = 0

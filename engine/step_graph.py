@@ -190,6 +190,13 @@ class DeviceSteps:
                    ort.OrtValue.ortvalue_from_shape_and_type(state.shape, np.float64, device, device_id)])
         return group
 
+    def release(self, size_bin: tuple[int, int]) -> None:
+        """The bin's rows step on the host next (engine.step_cache): their latents and state come back, the
+        group's device buffers go."""
+        group = self.groups.pop(size_bin, None)
+        if group is not None:
+            self._to_host(group)
+
     def _to_host(self, group: _Group) -> None:
         """Each unfinished member's latents and sampler state, from the device back into its Generation."""
         latents = self._download(group.x[group.current])

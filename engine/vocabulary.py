@@ -36,6 +36,9 @@ FORMAT_DETAILS: dict[str, tuple[str, str, dict, str]] = {
     "jpeg": ("image/jpeg", "JPEG", {"quality": 95}, "jpg"),
     "webp": ("image/webp", "WEBP", {"quality": 95}, "webp"),
 }
+# step caching (engine/step_cache.py): "off" computes every step; the others skip a row's transformer call on steps
+# where its output is predicted to barely change, "fast" more eagerly than "balanced"
+STEP_CACHE_MODES = ("off", "balanced", "fast")
 FLAGGED_IMAGE_MODES = ("black", "blur")  # what happens to an image the safety checker flags
 
 DEFAULT_STYLE = STYLE_NAMES[0]
@@ -44,6 +47,7 @@ DEFAULT_STEPS = 35
 DEFAULT_SCHEDULER = SCHEDULERS[0]
 DEFAULT_GUIDANCE = 4.5
 DEFAULT_FORMAT = OUTPUT_FORMATS[0]
+DEFAULT_STEP_CACHE = STEP_CACHE_MODES[0]
 
 MAX_PROMPT_CHARS = 10_000
 MIN_SIDE, MAX_SIDE = 256, 2048

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from engine.gpu_libraries import ProviderUnavailable
-from engine.vocabulary import IMAGE_SIZE_PRESETS, OUTPUT_FORMATS, SCHEDULERS, STYLE_NAMES, parse_image_size
+from engine.vocabulary import (
+    IMAGE_SIZE_PRESETS,
+    OUTPUT_FORMATS,
+    SCHEDULERS,
+    STEP_CACHE_MODES,
+    STYLE_NAMES,
+    parse_image_size,
+)
 
 from .client.core import DEFAULT_ADDRESS
 from .config import ServerConfig, add_arguments, from_args
@@ -53,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     check(config)
     explicit = {"variant": config.variant, "intra_op_threads": config.intra_op_threads,
                 "text_cache_dir": config.text_cache_dir, "flagged_images": config.flagged_images,
-                "text_cache_mb": config.text_cache_mb}
+                "text_cache_mb": config.text_cache_mb, "step_cache": config.step_cache}
     config.engine_options = {**memory_options(config), **{k: v for k, v in explicit.items() if v is not None},
                              **gpu_options(config.engine, config.max_batch_images, config.cuda_graphs,
                                            config.trt_cache_dir)}
@@ -161,6 +168,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int)
     p.add_argument("--safety-checker", action="store_true", default=None, dest="enable_safety_checker")
     p.add_argument("--format", choices=OUTPUT_FORMATS, dest="output_format")
+    p.add_argument("--step-cache", choices=STEP_CACHE_MODES, help="default: the server's (pixart serve --step-cache)")
     p.add_argument("--out", default="out.png", help="output file; with several images, -1, -2... are inserted")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -183,6 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "num_images",
             "enable_safety_checker",
             "output_format",
+            "step_cache",
         )
     }
     fields["image_size"] = args.image_size

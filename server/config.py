@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from engine.memory import PLANS
-from engine.vocabulary import FLAGGED_IMAGE_MODES
+from engine.vocabulary import DEFAULT_STEP_CACHE, FLAGGED_IMAGE_MODES, STEP_CACHE_MODES
 
 
 def optional_port(text: str) -> int | None:
@@ -81,6 +81,10 @@ class ServerConfig:
     intra_op_threads: int = _setting(0, "ONNX Runtime threads per session (0: one per core)")
     flagged_images: str = _setting("black", "what the safety checker does to a flagged image",
                                    choices=FLAGGED_IMAGE_MODES)
+    step_cache: str = _setting(
+        DEFAULT_STEP_CACHE, "step-cache mode of requests that name none: off computes every step; balanced and fast "
+        "skip a row's transformer work on steps predicted to change little (README 'Step caching')",
+        choices=STEP_CACHE_MODES)
     text_cache_mb: float = _setting(256.0, "memory for cached prompt embeddings")
     text_cache_dir: str | None = _setting(
         None, "also keep prompt embeddings on disk here, across restarts (the edge plans: <store>/text-cache)")

@@ -75,6 +75,8 @@ def make_request(prompt: str | pb.GenerateRequest | None = None, **fields: Any) 
             msg.scheduler = records.SCHEDULER_NUMBERS[value] if isinstance(value, str) else value
         elif name == "output_format":
             msg.output_format = records.OUTPUT_FORMAT_NUMBERS[value] if isinstance(value, str) else value
+        elif name == "step_cache":
+            msg.step_cache = records.STEP_CACHE_NUMBERS[value] if isinstance(value, str) else value
         else:
             setattr(msg, name, value)
     return msg

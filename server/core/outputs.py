@@ -150,7 +150,10 @@ class Outputs:
         item.state = state
         self._end(item, outcome)
         if recorded:
-            log.info("ended", extra={"request_id": item.id, "state": state, "queue_s": round(item.queue_s, 4)})
+            steps = {"steps_computed": outcome.steps_computed, "steps_cached": outcome.steps_cached} if isinstance(
+                outcome, GenerationResult) else {}
+            log.info("ended", extra={"request_id": item.id, "state": state, "queue_s": round(item.queue_s, 4),
+                                     **steps})
             if item.webhook_url:
                 self.webhooks.schedule(item.id)
 
@@ -177,6 +180,8 @@ class Outputs:
         self.metrics.outcomes.labels(state).inc()
         if isinstance(outcome, GenerationResult):
             self.metrics.images.inc(len(outcome.images))
+            self.metrics.row_steps.labels("computed").inc(outcome.steps_computed)
+            self.metrics.row_steps.labels("cached").inc(outcome.steps_cached)
             for stage in STAGES:
                 if stage in outcome.timings:
                     self.metrics.stage_seconds.labels(stage).observe(outcome.timings[stage])

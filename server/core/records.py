@@ -37,6 +37,9 @@ STYLES = _proto_table(pb.Style, "STYLE_", vocabulary.STYLE_NAMES, vocabulary.DEF
 IMAGE_SIZES = _proto_table(pb.ImageSizePreset, "", vocabulary.IMAGE_SIZE_PRESETS, vocabulary.DEFAULT_IMAGE_SIZE)
 SCHEDULERS = _proto_table(pb.Scheduler, "", vocabulary.SCHEDULERS, vocabulary.DEFAULT_SCHEDULER)
 OUTPUT_FORMATS = _proto_table(pb.OutputFormat, "", vocabulary.OUTPUT_FORMATS, vocabulary.DEFAULT_FORMAT)
+# UNSPECIFIED is None: the serving engine's default mode (pixart serve --step-cache), not the vocabulary's
+STEP_CACHES: dict[int, str | None] = {
+    **_proto_table(pb.StepCache, "STEP_CACHE_", vocabulary.STEP_CACHE_MODES, vocabulary.DEFAULT_STEP_CACHE), 0: None}
 
 
 def _reverse(table: dict[int, str]) -> dict[str, int]:
@@ -48,6 +51,7 @@ STYLE_NUMBERS = _reverse(STYLES)
 IMAGE_SIZE_NUMBERS = _reverse(IMAGE_SIZES)
 SCHEDULER_NUMBERS = _reverse(SCHEDULERS)
 OUTPUT_FORMAT_NUMBERS = _reverse(OUTPUT_FORMATS)
+STEP_CACHE_NUMBERS = _reverse(STEP_CACHES)
 
 
 def _enum(table: dict[int, str], number: int) -> str:
@@ -74,6 +78,7 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         style=_enum(STYLES, msg.style),
         scheduler=_enum(SCHEDULERS, msg.scheduler),
         output_format=_enum(OUTPUT_FORMATS, msg.output_format),
+        step_cache=_enum(STEP_CACHES, msg.step_cache),
         **kw,
     )
 
@@ -94,6 +99,8 @@ def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
     )
     if req.seed is not None:
         msg.seed = int(req.seed)
+    if req.step_cache is not None:
+        msg.step_cache = STEP_CACHE_NUMBERS[req.step_cache]
     if isinstance(req.image_size, str):
         msg.image_size_preset = IMAGE_SIZE_NUMBERS[req.image_size]
     else:
@@ -171,6 +178,8 @@ def result_to_proto(
         safety=t.get("safety", 0.0),
         image_encoding=t.get("image_encoding", 0.0),
         total=t.get("total", 0.0) + queue_s,
+        steps_computed=result.steps_computed,
+        steps_cached=result.steps_cached,
     )
     return pb.GenerateResult(
         images=images,

@@ -30,6 +30,8 @@ class Metrics:
         self.store_queue_depth = Gauge("pixart_store_queue_depth",
                                        "Durable requests waiting in the shared store (all replicas)", registry=r)
         self.images = Counter("pixart_images_generated", "Images generated", registry=r)
+        self.row_steps = Counter("pixart_row_steps", "Transformer row-steps of completed requests: computed by the "
+                                 "model, or taken from the step cache", ["kind"], registry=r)
         self.outcomes = Counter("pixart_request_outcomes", "Requests ended, by final state", ["state"], registry=r)
 
     def render(self) -> bytes:

@@ -72,7 +72,7 @@ def wait_completed(http, rid: str) -> dict:
 
 
 def test_submit_status_result(http, server) -> None:
-    data = submit(http, {"prompt": "a red circle", "seed": 7, **CHEAP})
+    data = submit(http, {"prompt": "a red circle", "seed": 7, "step_cache": "off", **CHEAP})
     base = f"https://127.0.0.1:{server.http_port}/queue/{APP}/requests/{data['request_id']}"
     assert data["status"] == "IN_QUEUE" and data["queue_position"] == 0  # the server is idle: it is next
     assert (data["response_url"], data["status_url"], data["cancel_url"]) == (base, f"{base}/status",
@@ -91,6 +91,8 @@ def test_submit_status_result(http, server) -> None:
     assert result.status_code == 200 and result.headers["x-fal-request-id"] == rid
     out = result.json()
     assert out["seed"] == 7 and out["prompt"] == "a red circle" and out["has_nsfw_concepts"] == [False]
+    # two steps of a guided image: two transformer rows each, none from the step cache
+    assert (out["timings"]["steps_computed"], out["timings"]["steps_cached"]) == (4, 0)
     image = out["images"][0]
     assert {"url", "width", "height", "content_type", "file_name", "file_size"} <= set(image)
     assert (image["width"], image["height"]) == (256, 256) and "signature=" in image["url"]
@@ -142,12 +144,13 @@ def test_cancel_in_each_state(http) -> None:
 
 
 def test_invalid_input_is_422_naming_every_field(http) -> None:
-    bad = {"prompt": "", "num_images": 9, "guidance_scale": "high", "image_size": {"width": 10, "height": 3000}}
+    bad = {"prompt": "", "num_images": 9, "guidance_scale": "high", "image_size": {"width": 10, "height": 3000},
+           "step_cache": "turbo"}
     for r in (http.post(f"/queue/{APP}", json=bad), http.post(f"/run/{APP}", json=bad)):
         assert r.status_code == 422
         locs = {tuple(d["loc"]) for d in r.json()["detail"]}
         assert locs == {("body", "prompt"), ("body", "num_images"), ("body", "guidance_scale"),
-                        ("body", "image_size", "width"), ("body", "image_size", "height")}
+                        ("body", "image_size", "width"), ("body", "image_size", "height"), ("body", "step_cache")}
         assert all({"loc", "msg", "type"} <= set(d) for d in r.json()["detail"])
     r = http.post(f"/queue/{APP}", json={"prompt": "x"}, params={"fal_webhook": "http://169.254.169.254/"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "webhook_url"]

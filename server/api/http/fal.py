@@ -53,6 +53,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "prompt": (str,), "negative_prompt": (str,), "style": (str,), "image_size": (str, dict),
     "num_inference_steps": (int,), "scheduler": (str,), "guidance_scale": (int, float), "seed": (int,),
     "num_images": (int,), "enable_safety_checker": (bool,), "sync_mode": (bool,), "output_format": (str,),
+    "step_cache": (str,),
 }
 
 

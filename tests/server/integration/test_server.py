@@ -185,6 +185,7 @@ def _bad_cases() -> list[tuple[dict, str | list[str]]]:
         (dict(num_images=0), "num_images"),
         (dict(num_images=9), "num_images"),
         (dict(output_format=9), "output_format"),
+        (dict(step_cache=9), "step_cache"),
     ]
     return cases
 
@@ -339,6 +340,19 @@ def test_32_concurrent_clients(server) -> None:
     text = metrics_text(server.http_port)
     assert metric(text, "pixart_images_generated_total") >= 32
     assert metric(text, "pixart_queue_depth") == 0
+
+
+def test_step_cache_counts_reach_the_result_and_the_metrics(server, client) -> None:
+    before = metric(metrics_text(server.http_port), "pixart_row_steps_total", kind="cached")
+    result = client.generate("a red circle", seed=3, image_size=(256, 256), num_inference_steps=20,
+                             guidance_scale=1.0, step_cache="fast")
+    assert result.timings.steps_cached > 0
+    assert result.timings.steps_computed + result.timings.steps_cached == 20
+    exact = client.generate("a red circle", seed=3, image_size=(256, 256), num_inference_steps=20,
+                            guidance_scale=1.0)  # the server's default: off
+    assert (exact.timings.steps_computed, exact.timings.steps_cached) == (20, 0)
+    after = metric(metrics_text(server.http_port), "pixart_row_steps_total", kind="cached")
+    assert after - before == result.timings.steps_cached
 
 
 def test_metrics_cover_stages_queue_and_methods(server, client) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.request import GenerationRequest
-from engine.vocabulary import IMAGE_SIZE_PRESETS, OUTPUT_FORMATS, SCHEDULERS, STYLE_NAMES
+from engine.vocabulary import IMAGE_SIZE_PRESETS, OUTPUT_FORMATS, SCHEDULERS, STEP_CACHE_MODES, STYLE_NAMES
 from protos import generate
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.core import records
@@ -32,6 +32,14 @@ def test_enums_cover_the_contract(enum, table, names) -> None:
     assert enum.Name(0).endswith("_UNSPECIFIED")
 
 
+def test_step_cache_unspecified_is_the_servers_default() -> None:
+    assert set(records.STEP_CACHES) == set(pb.StepCache.values())
+    assert records.STEP_CACHES[0] is None, "UNSPECIFIED leaves the mode to the serving engine"
+    assert set(records.STEP_CACHE_NUMBERS) == set(STEP_CACHE_MODES)
+    assert records.request_from_proto(pb.GenerateRequest(prompt="a", step_cache=99)).violations() == [
+        ("step_cache", "must be one of off, balanced, fast")]
+
+
 def test_unset_fields_take_the_spec_defaults() -> None:
     assert records.request_from_proto(pb.GenerateRequest(prompt="a fox")) == GenerationRequest(prompt="a fox")
 
@@ -43,8 +51,9 @@ def test_unset_fields_take_the_spec_defaults() -> None:
         GenerationRequest(
             prompt="b", negative_prompt="n", style="3D Model", image_size=(640, 480), num_inference_steps=7,
             scheduler="SA-SOLVER", guidance_scale=1.0, seed=2**63 - 1, num_images=8, enable_safety_checker=True,
-            sync_mode=False, output_format="webp",
+            sync_mode=False, output_format="webp", step_cache="fast",
         ),
+        GenerationRequest(prompt="d", step_cache="off"),
         GenerationRequest(prompt="c", image_size="landscape_16_9", seed=0, guidance_scale=0.0),
     ],
 )
