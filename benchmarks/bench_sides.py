@@ -129,7 +129,7 @@ class EngineSide(Side):
         if replay is not None:  # cached modes on untrained weights: the trained default's decisions
             from benchmarks.step_cache_replay import install
 
-            install(Path(replay), self.spec["guidance"], self.spec["steps"])
+            install(Path(replay), self.spec["guidance"])
         if "acceleration" in options:
             options["acceleration"] = Acceleration(**options["acceleration"])
         # a variant names its providers only to ask for TensorRT: otherwise CUDA on the GPU, the CPU on the CPU

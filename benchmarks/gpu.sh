@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The engine against eager diffusers on a GPU machine, end to end: install what travelled with the call, build the
 # `small` model (real widths, 4 layers), export it (fp32 + fp16), check the engine's images against eager diffusers,
-# then time eager and the engine on the CUDA provider, with IO binding, with CUDA graphs, and on TensorRT where its
+# then time eager and the engine on the CUDA provider, with IO binding, with CUDA graphs, with step caching (the
+# trained default's decisions replayed, benchmarks/step_cache_replay.py), and on TensorRT where its
 # libraries are present, at 1024², 20 steps, guidance 4.5, batch 1 and 4. JSON, Markdown and a plot go to $OUT;
 # the table is printed last. Run benchmarks/gpu_first_run.sh first: it checks the GPU path at the real dimensions
 # in the time a first lease has.

@@ -64,7 +64,8 @@ def test_bench_tiny_writes_json_markdown_and_plot(tmp_path):
 @pytest.mark.timeout(1800)
 def test_gpu_benchmark_script_runs_end_to_end_on_cpu(small_export, tmp_path):
     """benchmarks/gpu.sh, as it runs on the GPU machine, but on the CPU with the small config: eager, the fp16
-    engine with and without IO binding run and are compared; CUDA graphs and TensorRT are skipped, with reasons."""
+    engine with and without IO binding and with step caching (decisions replayed) run and are compared; CUDA graphs
+    and TensorRT are skipped, with reasons."""
     import os
     import subprocess
     import sys
@@ -79,7 +80,9 @@ def test_gpu_benchmark_script_runs_end_to_end_on_cpu(small_export, tmp_path):
     report = json.loads((tmp_path / "bench-small-gpu-cpu.json").read_text())
     assert report["device"] == "cpu"
     assert set(report["skipped"]) == {"engine_fp16_cuda_graphs", "engine_tensorrt"}
-    assert {r["side"] for r in report["runs"]} == {"eager", "engine_fp16", "engine_fp16_iobinding"}
+    assert {r["side"] for r in report["runs"]} == {"eager", "engine_fp16", "engine_fp16_iobinding",
+                                                   "engine_fp16_iobinding_balanced_replayed",
+                                                   "engine_fp16_iobinding_fast_replayed"}
     for r in report["runs"]:
         assert {"step_b1", "step_b4"} <= set(r["stages"]) and r["e2e"]["1"]["n"] == 1
     psnrs = {c["variant"]: c["psnr_db"] for c in report["comparisons"]}

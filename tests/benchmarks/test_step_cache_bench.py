@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from benchmarks import step_cache_quality, step_cache_replay
 from engine import GenerationRequest, step_cache
 
@@ -28,10 +26,24 @@ def test_a_replayed_variant_computes_exactly_the_recorded_steps(engine, tmp_path
     report = tmp_path / "decisions.json"
     report.write_text(json.dumps({"rows": [
         {"sampler": "DPM-SOLVER", "guidance": 4.5, "mode": "fast", "computed_per_step": [float(p) for p in plan]}]}))
-    with pytest.raises(SystemExit, match="8 steps, not 20"):
-        step_cache_replay.schedules(report, 4.5, 20)
+    fractions = step_cache_replay.recorded(report, 4.5)["fast"]
+    assert step_cache_replay.recorded(report, 3.0) == {"fast": fractions}  # the nearest guidance recorded
+    # at another step count, each step takes the decision recorded at the same fraction of the run
+    assert [step_cache_replay.computes(fractions, i, 3) for i in range(3)] == [True, False, True]
     monkeypatch.setattr(step_cache.RowCache, "computes", step_cache.RowCache.computes)  # restored afterwards
-    step_cache_replay.install(report, 4.5, 8)
+    step_cache_replay.install(report, 4.5)
     result = engine.generate(GenerationRequest(prompt="a red circle", image_size=(256, 256), num_inference_steps=8,
                                                seed=1, step_cache="fast"))
     assert (result.steps_computed, result.steps_cached) == (2 * sum(plan), 2 * (len(plan) - sum(plan)))
+
+
+def test_diffusers_first_block_cache_runs_on_the_same_weights(default_export, tmp_path):
+    from benchmarks import step_cache_diffusers
+
+    step_cache_diffusers.main([str(default_export), "--prompts", "1", "--thresholds", "0.5", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "step-cache-diffusers.json").read_text())["rows"]
+    assert [(r["guidance"], r["threshold"]) for r in rows] == [(1.0, None), (1.0, 0.5), (4.5, None), (4.5, 0.5)]
+    for off, cached in (rows[:2], rows[2:]):
+        assert off["rest_computed"] == 1.0 and off["psnr"] == 99.0
+        assert cached["rest_computed"] < 1.0, "the hook skipped the remaining blocks on some steps"
+        assert cached["blocks_computed"] > cached["rest_computed"], "the first block always runs"
