@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import step_cache_quality, step_cache_replay
 from engine import GenerationRequest, step_cache
 
@@ -47,3 +49,17 @@ def test_diffusers_first_block_cache_runs_on_the_same_weights(default_export, tm
         assert off["rest_computed"] == 1.0 and off["psnr"] == 99.0
         assert cached["rest_computed"] < 1.0, "the hook skipped the remaining blocks on some steps"
         assert cached["blocks_computed"] > cached["rest_computed"], "the first block always runs"
+
+
+@pytest.mark.timeout(600)
+def test_the_open_loop_load_test_measures_a_caching_server(default_export, tmp_path):
+    from benchmarks import load
+
+    assert load.main(["--engine", str(default_export), "--arrival", "poisson", "--modes", "continuous_balanced",
+                      "--loads", "0.5", "--arrivals", "4", "--mix-steps", "20", "--mix-sizes", "256x256",
+                      "--out-dir", str(tmp_path), "--tag", "t"]) == 0
+    report = json.loads((tmp_path / "loadtest-poisson-t.json").read_text())
+    assert report["capacity_step_cache"]["requests_per_s"] > 0
+    (run,) = report["runs"]
+    assert run["mode"] == "continuous_balanced" and not run["errors"]
+    assert "With step cache `balanced`" in (tmp_path / "loadtest-poisson-t.md").read_text()
