@@ -49,7 +49,7 @@ from engine.step_cache import step_cache_for
 from engine.step_graph import device_steps_for
 from engine.text import T5Tokenizer
 from engine.text_cache import KeyedEmbeddingCache, open_text_cache
-from engine.text_encoding import encode_texts, prompt_texts, text_length
+from engine.text_encoding import encode_texts, prompt_texts
 from engine.vocabulary import DEFAULT_STEP_CACHE, FLAGGED_IMAGE_MODES, STEP_CACHE_MODES
 
 TEXT_ENCODER_DEVICES = ("auto", "cpu")
@@ -248,9 +248,6 @@ class Engine:
         return prompt_texts(request.style, request.prompt, request.negative_prompt, request.clean_caption,
                             request.do_guidance)
 
-    def text_length(self, tokens: int) -> int:
-        return text_length(tokens, self.max_sequence_length, self.trim_text)
-
     def warmup(self) -> None:
         """A small request through every stage; with CUDA graphs also the default size's graphs for every row
         bucket a step can use, captured now rather than under the first requests."""
@@ -305,8 +302,6 @@ class Engine:
             context, mask = self._batched_text.get(generations, pad=self.graph_shapes)
             self.device_steps.step(generations, batch_timesteps(generations), context, mask, pos_embed,
                                    self.out_channels)
-            for g in generations:
-                g.steps_computed += g.rows
             return
         if self.device_steps is not None:  # the bin's rows step on the host while any of them caches
             self.device_steps.release(generations[0].size_bin)
@@ -441,7 +436,6 @@ class Engine:
         with self._capture_guard():
             return decode_latents(lambda z: self.vae_decoder.run(None, {"latents": z}, self._shrink)[0], latents,
                                   self.vae_scaling_factor, tile=self.vae_tile, scale_factor=self.vae_scale)
-
 
     def _capture_guard(self) -> contextlib.AbstractContextManager:
         """Held by GPU work off the stepping thread (the VAE decode, the safety checker) while a transformer run may

@@ -101,6 +101,7 @@ class DeviceSteps:
         finished = []
         for row, g in self._rows(generations):
             g.step_index += 1
+            g.steps_computed += g.rows
             if g.done:
                 finished.append((row, g))
                 g.timings["denoising"] = now - g.denoise_started
