@@ -111,13 +111,16 @@ class BatchedText:
         self._cached.clear()
 
 
-def prompt_rows(batch: Sequence[Generation] | Sequence[Row]) -> int | None:
-    """Rows of a batch's prompt half, the negative-prompt rows following them (None when there are none): of a
-    batch of generations, or of some of their rows."""
-    if batch and isinstance(batch[0], tuple):
-        prompt = sum(1 for _, half, _ in batch if half == 0)
-        return prompt if prompt < len(batch) else None
-    return sum(len(g.latents) for g in batch) if any(g.guided for g in batch) else None
+def prompt_rows(generations: Sequence[Generation]) -> int | None:
+    """Rows of a batch's prompt half, the negative-prompt rows of the guided generations following them (None when
+    none is guided)."""
+    return sum(len(g.latents) for g in generations) if any(g.guided for g in generations) else None
+
+
+def prompt_rows_of(rows: Sequence[Row]) -> int | None:
+    """prompt_rows for some rows of a batch (the ones that compute a step), in batch order."""
+    prompt = sum(1 for _, half, _ in rows if half == 0)
+    return prompt if prompt < len(rows) else None
 
 
 def batch_latents(generations: Sequence[Generation]) -> tuple[np.ndarray, np.ndarray]:

@@ -35,6 +35,7 @@ from engine.generation import (
     begin_step,
     gather_rows,
     prompt_rows,
+    prompt_rows_of,
     rows_computing,
 )
 from engine.images import checked_vae_tile, decode_latents, encode_image
@@ -313,7 +314,7 @@ class Engine:
         else:  # only the rows that compute enter the transformer call
             rows = [row for row, computes in zip(batch_rows(generations), computing, strict=True) if computes]
             noise_pred = self.predict_noise(*gather_rows(rows, pad=self.graph_shapes), pos_embed,
-                                            split=prompt_rows(rows)) if rows else None
+                                            split=prompt_rows_of(rows)) if rows else None
         advance(generations, noise_pred, self.latent_channels, computing)
 
     def finish(self, generations: Sequence[Generation]) -> list[GenerationResult]:

@@ -162,7 +162,6 @@ class StepCache:
     transformer batch lays them out (engine.generation)."""
 
     def __init__(self, mode: str, images: int, guided: bool):
-        self.mode = mode
         self.rows = [RowCache(POLICIES[mode]) for _ in range(images * (2 if guided else 1))]
 
     @property
