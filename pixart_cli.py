@@ -29,7 +29,7 @@ def _export(args: argparse.Namespace) -> None:
                             optimize=not args.no_optimize, int8=args.int8,
                             quantize_text_encoder=quantized, text_encoder_precision=args.text_encoder_precision,
                             quantize_transformer=args.quantize_transformer,
-                            safety_checker=args.safety_checker,
+                            safety_checker=args.safety_checker, head_blocks=args.head_blocks or None,
                             progress=not args.quiet)
     print(f"exported to {manifest.parent} (manifest: {manifest.name})")
 
@@ -46,7 +46,8 @@ def _infer(args: argparse.Namespace) -> None:
     from engine import Engine, GenerationRequest
 
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
-    engine = Engine.load(args.engine, providers, **({"variant": args.variant} if args.variant else {}))
+    engine = Engine.load(args.engine, providers, step_cache_mechanism=args.step_cache_mechanism,
+                         **({"variant": args.variant} if args.variant else {}))
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety-checker", nargs="?", const="default", default=None, metavar="MODEL",
                    help="export a StableDiffusionSafetyChecker too (e.g. CompVis/stable-diffusion-safety-checker); "
                    "without MODEL, the embedded tiny random-weight one")
+    p.add_argument("--head-blocks", type=int, default=1, metavar="N",
+                   help="also write the transformer as head (its first N blocks), body and tail graphs, for the "
+                   "step cache's block mechanism (README 'Step caching'); 0 leaves them out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_export)
 
@@ -144,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=v.DEFAULT_FORMAT, choices=v.OUTPUT_FORMATS)
     p.add_argument("--step-cache", default=v.DEFAULT_STEP_CACHE, choices=v.STEP_CACHE_MODES,
                    help="skip transformer work on steps predicted to change little (README 'Step caching')")
+    p.add_argument("--step-cache-mechanism", default=v.DEFAULT_STEP_CACHE_MECHANISM, choices=v.STEP_CACHE_MECHANISMS,
+                   help="forecast: skipped rows skip the whole transformer; blocks: they run its first blocks and "
+                   "take the rest from their cache")
     p.add_argument("--variant", default=None, help="graph set of the export: optimized, fp32, int8")
     p.add_argument("--providers", default=os.environ.get("PIXART_PROVIDERS"),
                    help="comma-separated ONNX Runtime providers (PIXART_PROVIDERS); default: the best present")

@@ -175,3 +175,26 @@ def capture_row_buckets(predict: Callable[..., np.ndarray], max_rows: int, laten
                                          np.ones((rows, 1), np.int64))
         for _ in range(CAPTURE_RUNS):
             predict(np.zeros((rows, *latent_shape), np.float32), np.full(rows, 999.0, np.float32), context, mask)
+
+
+def transformer_calls(run: Callable[[dict[str, np.ndarray]], np.ndarray], x: np.ndarray, t: np.ndarray,
+                      context: np.ndarray, mask: np.ndarray, pos_embed: np.ndarray, split: int | None = None, *,
+                      pad: bool = False) -> np.ndarray:
+    """The noise prediction of rows `x` at timesteps `t`: one call of `run` (transformer feeds -> output) over every
+    row, or one per guidance half when `split` (rows before and after it). `context`/`mask` may have more rows than
+    `x` (padding for a captured graph): the extra rows run on zeros and are dropped; `pad`: a half's text is padded
+    to a captured graph's shape (graph_shape)."""
+    rows = len(x)
+    bounds = [0, rows] if split is None else [0, split, rows]
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if (a, b) == (0, rows):  # slicing would make new arrays: the bound text would be sent again
+            ctx, msk = context, mask
+        else:
+            ctx, msk = context[a:b], mask[a:b]
+            if pad:
+                ctx, msk = pad_conditioning(ctx, msk)
+        feeds = {"latents": pad_rows(x[a:b], len(ctx)), "timestep": pad_rows(t[a:b], len(ctx)),
+                 "encoder_hidden_states": ctx, "encoder_attention_mask": msk, "pos_embed": pos_embed}
+        outs.append(run(feeds)[: b - a])
+    return outs[0] if len(outs) == 1 else np.concatenate(outs)

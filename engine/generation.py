@@ -142,13 +142,22 @@ def batch_rows(generations: Sequence[Generation]) -> list[Row]:
             for i in range(len(g.latents))]
 
 
-def rows_computing(rows: Sequence[Row]) -> list[bool]:
-    """Whether each row runs the model this step: always without a step cache, else as its own request's history
-    decides. A guided image's two halves decide together, either one computing computes both (engine.step_cache
-    says why)."""
-    wants = {(id(g), half, i): g.cache is None or g.cache.rows[half * len(g.latents) + i].computes(
-        g.latents[i], g.step_index, g.total_steps) for g, half, i in rows}
+def rows_computing(rows: Sequence[Row], signals: Sequence[np.ndarray] | None = None) -> list[bool]:
+    """Whether each row runs the model this step (with the "blocks" mechanism: the transformer's body): always
+    without a step cache, else as its own request's history decides from its signal (per row of `rows`: its head
+    residual; default: its latents). A guided image's two halves decide together, either one computing computes
+    both (engine.step_cache says why)."""
+    wants = {}
+    for r, (g, half, i) in enumerate(rows):
+        signal = g.latents[i] if signals is None else signals[r]
+        wants[id(g), half, i] = g.cache is None or g.cache.rows[half * len(g.latents) + i].computes(
+            signal, g.step_index, g.total_steps)
     return [wants[id(g), 0, i] or (g.guided and wants[id(g), 1, i]) for g, _, i in rows]
+
+
+def row_caches(rows: Sequence[Row]) -> list:
+    """Each row's own step-cache history (None where its request has no step cache)."""
+    return [g.cache.rows[half * len(g.latents) + i] if g.cache is not None else None for g, half, i in rows]
 
 
 def begin_step(generations: Sequence[Generation]) -> None:
@@ -182,17 +191,19 @@ def gather_rows(rows: Sequence[Row], *, pad: bool = False) -> tuple[np.ndarray, 
 
 
 def advance(generations: Sequence[Generation], noise_pred: np.ndarray, latent_channels: int,
-            computing: Sequence[bool] | None = None) -> None:
+            computing: Sequence[bool] | None = None, body_cached: Sequence[bool] | None = None) -> None:
     """Each generation takes its rows' model outputs (the computed rows of the batch's noise prediction, in order;
     a forecast from its step cache for the rows that skipped), applies its own guidance scale and steps its own
-    sampler (with its own noise stream). `computing`: per row of `batch_rows`, default all."""
+    sampler (with its own noise stream). `computing`: per row of `batch_rows`, default all; `body_cached`: rows
+    whose output came with the body's work taken from their cache (counted as cached)."""
     rows = batch_rows(generations)
     computing = computing if computing is not None else [True] * len(rows)
+    body_cached = body_cached if body_cached is not None else [False] * len(rows)
     outputs: dict[tuple[int, int], list[np.ndarray]] = {}
     computed = 0
-    for (g, half, i), computes in zip(rows, computing, strict=True):
+    for (g, half, i), computes, cached in zip(rows, computing, body_cached, strict=True):
         t = float(g.sampler.timesteps[g.step_index])
-        row = g.cache.rows[half * len(g.latents) + i] if g.cache is not None else None
+        row = g.cache.rows[half * len(g.latents) + i] if g.cache is not None and g.cache.forecasts else None
         if row is not None:
             to_data, from_data = data_conversions(float(g.sampler.sigmas[g.step_index]),
                                                   g.sampler.config.get("prediction_type", "epsilon"))
@@ -200,7 +211,10 @@ def advance(generations: Sequence[Generation], noise_pred: np.ndarray, latent_ch
             # learned sigma: keep the prediction half (epsilon or v)
             out = noise_pred[computed, :latent_channels]
             computed += 1
-            g.steps_computed += 1
+            if cached:
+                g.steps_cached += 1
+            else:
+                g.steps_computed += 1
             if row is not None:
                 row.record(g.latents[i], t, out, g.step_index, to_data)
         else:

@@ -16,6 +16,8 @@ from typing import Any
 FILE = "manifest.json"
 FORMAT = "pixart-sigma-onnx/1"
 COMPONENTS = ("text_encoder", "transformer", "vae_decoder", "tokenizer")
+# optional: the transformer cut in three, for the step cache's "blocks" mechanism (engine.transformer_parts)
+TRANSFORMER_PARTS = ("transformer_head", "transformer_body", "transformer_tail")
 # the default graph set per execution provider (first found in the export), else "fp32", the plain graphs
 PREFERRED_VARIANTS = {"CUDAExecutionProvider": ("fp16", "optimized"), "TensorrtExecutionProvider": ()}
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.binding import capture_row_buckets, graph_shape, pad_conditioning, pad_rows
+from engine.binding import capture_row_buckets, graph_shape, transformer_calls
 from engine.generation import (
     BatchedText,
     Generation,
@@ -51,7 +51,8 @@ from engine.step_graph import device_steps_for
 from engine.text import T5Tokenizer
 from engine.text_cache import KeyedEmbeddingCache, open_text_cache
 from engine.text_encoding import encode_texts, prompt_texts
-from engine.vocabulary import DEFAULT_STEP_CACHE, FLAGGED_IMAGE_MODES, STEP_CACHE_MODES
+from engine.transformer_parts import TransformerParts
+from engine.vocabulary import DEFAULT_STEP_CACHE, DEFAULT_STEP_CACHE_MECHANISM, FLAGGED_IMAGE_MODES
 
 TEXT_ENCODER_DEVICES = ("auto", "cpu")
 
@@ -84,6 +85,7 @@ class Engine:
         memory_arena: bool = True,
         device_step: bool | None = None,
         step_cache: str = DEFAULT_STEP_CACHE,
+        step_cache_mechanism: str = DEFAULT_STEP_CACHE_MECHANISM,
     ):
         """`io_binding`: keep the transformer's inputs and output in device buffers between steps (default: on
         when it runs on a GPU). `acceleration`: GPU provider settings (device, CUDA graphs, TensorRT fp16 and
@@ -98,10 +100,11 @@ class Engine:
         `memory_arena=False` frees the transformer's activations after every call instead of keeping their peak
         for the next one (measured at 1024²: 1.5 GB that would otherwise sit beside the VAE decode).
         `device_step`: guidance and the sampler update on the transformer's device too (engine.step_graph; default:
-        on with IO binding on a GPU). `step_cache`: the mode of requests that name none (engine.step_cache)."""
+        on with IO binding on a GPU). `step_cache`: the mode of requests that name none; `step_cache_mechanism`: how
+        their rows skip work, "blocks" loading the transformer's parts beside it (engine.step_cache)."""
         _check_choice("flagged_images", flagged_images, FLAGGED_IMAGE_MODES)
-        _check_choice("step_cache", step_cache, STEP_CACHE_MODES)
-        self.step_cache = step_cache
+        step_cache_for(step_cache, 1, False, step_cache_mechanism)  # refuses an unknown mode or mechanism
+        self.step_cache, self.step_cache_mechanism = step_cache, step_cache_mechanism
         _check_choice("text_encoder_device", text_encoder_device, TEXT_ENCODER_DEVICES)
         self.manifest = Manifest.load(export_dir, verify=verify_files)
         self.path = self.manifest.folder
@@ -183,6 +186,9 @@ class Engine:
         self._transformer_run = None if memory_arena else self._shrink
         self.bound_transformer = bind_transformer(self.transformer, io_binding, graphs.acceleration,
                                                   self._transformer_run)
+        self.transformer_parts = TransformerParts.open(
+            self.manifest, self.variant, graphs, memory_arena=memory_arena, run_options=self._transformer_run,
+        ) if self.step_cache_mechanism == "blocks" else None
 
     @property
     def has_safety_checker(self) -> bool:
@@ -210,7 +216,7 @@ class Engine:
         self.device_steps = None
         self.text_cache.clear()
         self.text_encoder = self.transformer = self.vae_decoder = None
-        self.bound_transformer = self.safety_checker = None
+        self.bound_transformer = self.safety_checker = self.transformer_parts = None
         self._text_encoder_session = None
         self._batched_text.clear()
         release_freed_memory()
@@ -254,12 +260,11 @@ class Engine:
         bucket a step can use, captured now rather than under the first requests."""
         self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=1, image_size=(512, 512), seed=0))
         if self.graph_shapes:
-            height, width = self.binned_size(GenerationRequest(prompt="warm-up"))
-            h, w = height // self.vae_scale, width // self.vae_scale
-            pos_embed = sincos_pos_embed(self.inner_dim, h // self.patch_size, w // self.patch_size,
-                                         *self.pos_geometry)
+            size_bin = self.binned_size(GenerationRequest(prompt="warm-up"))
+            pos_embed = self.pos_embed(size_bin)
             capture_row_buckets(lambda *feeds: self.predict_noise(*feeds, pos_embed), self.max_rows,
-                                (self.latent_channels, h, w), self.caption_channels)
+                                (self.latent_channels, *(side // self.vae_scale for side in size_bin)),
+                                self.caption_channels)
 
     # ---- the three stages -----------------------------------------------------------------------------------
 
@@ -282,7 +287,8 @@ class Engine:
         generation = Generation(
             request=request, seed=seed, size_bin=(height, width), rng=rng, sampler=sampler,
             latents=latents * np.float32(sampler.init_noise_sigma), context=context, mask=mask, started=started,
-            cache=step_cache_for(request.step_cache or self.step_cache, request.num_images, request.do_guidance),
+            cache=step_cache_for(request.step_cache or self.step_cache, request.num_images, request.do_guidance,
+                                 self.step_cache_mechanism),
         )
         generation.timings["text_encoding"] = time.perf_counter() - started
         return generation
@@ -290,14 +296,13 @@ class Engine:
     def step(self, generations: Sequence[Generation]) -> None:
         """One denoising step for every generation: one transformer call (two with `guidance_in_one_batch` off)
         over all their rows, then each advances its own sampler. They must share a latent size. Rows of requests
-        with a step cache that skip this step stay out of the call and take their cache's forecast."""
+        with a step cache that skip this step stay out of the call and take their cache's forecast (or, with the
+        "blocks" mechanism, run the transformer's head and tail but not its body)."""
         self._check_open()
         if not generations:
             return
         begin_step(generations)
-        height, width = generations[0].size_bin
-        pos_embed = sincos_pos_embed(self.inner_dim, height // self.vae_scale // self.patch_size,
-                                     width // self.vae_scale // self.patch_size, *self.pos_geometry)
+        pos_embed = self.pos_embed(generations[0].size_bin)
         caching = any(g.cache is not None for g in generations)
         if self.device_steps is not None and not caching:  # guidance and the sampler update where it runs
             context, mask = self._batched_text.get(generations, pad=self.graph_shapes)
@@ -306,6 +311,10 @@ class Engine:
             return
         if self.device_steps is not None:  # the bin's rows step on the host while any of them caches
             self.device_steps.release(generations[0].size_bin)
+        if caching and self.transformer_parts is not None:  # every row runs the head and the tail, some the body
+            self.transformer_parts.step(generations, *self._batched_text.get(generations), pos_embed,
+                                        self.latent_channels, one_call=self.guidance_in_one_batch)
+            return
         computing = rows_computing(batch_rows(generations)) if caching else None
         if computing is None or all(computing):
             context, mask = self._batched_text.get(generations, pad=self.graph_shapes)
@@ -364,7 +373,7 @@ class Engine:
 
     def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | BaseException]:
         """Requests of one size bin, stepped together until each is done; a refused one gets its error."""
-        results: list[GenerationResult | BaseException | None] = [None] * len(requests)
+        results: dict[int, GenerationResult | BaseException] = {}
         running: dict[int, Generation] = {}
         for i, request in enumerate(requests):
             try:
@@ -373,11 +382,9 @@ class Engine:
                 results[i] = exc
         while running:
             self.step(list(running.values()))
-            for i, g in list(running.items()):
-                if g.done:
-                    (results[i],) = self.finish([g])
-                    del running[i]
-        return results  # type: ignore[return-value]
+            for i in [i for i, g in running.items() if g.done]:
+                (results[i],) = self.finish([running.pop(i)])
+        return [results[i] for i in range(len(requests))]
 
     # ---- pieces of the stages -------------------------------------------------------------------------------
 
@@ -400,35 +407,24 @@ class Engine:
             del session
             release_freed_memory()
 
+    def pos_embed(self, size_bin: tuple[int, int]) -> np.ndarray:
+        """The positional embedding of a bin's tokens (cached per bin by engine.positions)."""
+        h, w = (side // self.vae_scale // self.patch_size for side in size_bin)
+        return sincos_pos_embed(self.inner_dim, h, w, *self.pos_geometry)
+
     def predict_noise(self, x: np.ndarray, t: np.ndarray, context: np.ndarray, mask: np.ndarray,
                       pos_embed: np.ndarray, split: int | None = None) -> np.ndarray:
-        """One transformer call over every row, or, with `guidance_in_one_batch` off, one per guidance half
-        (rows before and after `split`). `context`/`mask` may have more rows than `x` (padding for a captured
-        graph): the extra rows run on zeros and are dropped."""
+        """The transformer over every row, or, with `guidance_in_one_batch` off, one call per guidance half (rows
+        before and after `split`); see engine.binding.transformer_calls."""
         self._check_open()
-        rows = len(x)
-        bounds = [0, rows] if self.guidance_in_one_batch or split is None else [0, split, rows]
-        outs = []
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            if (a, b) == (0, rows):  # slicing would make new arrays: the bound text would be sent again
-                ctx, msk = context, mask
-            else:
-                ctx, msk = context[a:b], mask[a:b]
-                if self.graph_shapes:
-                    ctx, msk = pad_conditioning(ctx, msk)
-            feeds = {
-                "latents": pad_rows(x[a:b], len(ctx)),
-                "timestep": pad_rows(t[a:b], len(ctx)),
-                "encoder_hidden_states": ctx,
-                "encoder_attention_mask": msk,
-                "pos_embed": pos_embed,
-            }
-            if self.bound_transformer is not None:
-                out_shape = (len(ctx), self.out_channels, *x.shape[2:])
-                outs.append(self.bound_transformer.run(feeds, out_shape)[: b - a])
-            else:
-                outs.append(self.transformer.run(None, feeds, self._transformer_run)[0][: b - a])
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return transformer_calls(self._run_transformer, x, t, context, mask, pos_embed,
+                                 None if self.guidance_in_one_batch else split, pad=self.graph_shapes)
+
+    def _run_transformer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if self.bound_transformer is None:
+            return self.transformer.run(None, feeds, self._transformer_run)[0]
+        rows, _, *latent_size = feeds["latents"].shape
+        return self.bound_transformer.run(feeds, (rows, self.out_channels, *latent_size))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(B, 4, h, w) final latents -> (B, 3, H, W) images in about [-1, 1] (whole, or in tiles of `vae_tile`).

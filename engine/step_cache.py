@@ -1,5 +1,7 @@
-"""Step caching: a transformer row skips the model on steps where its output is predicted to barely change, and
-takes a forecast of its output instead.
+"""Step caching: a transformer row skips model work on steps where its output is predicted to barely change. Two
+mechanisms, one per engine (`Engine(step_cache_mechanism=...)`): "forecast" skips the whole transformer call and
+takes a forecast of the model's output (RowCache); "blocks" runs the first block(s) every step and skips the rest
+when their residual barely changed (BlockRowCache; the parts' calls are engine.transformer_parts').
 
 Each row of a batch (one image's prompt half, or its negative-prompt half) decides from its own history only, so a
 request's image does not depend on the requests it runs with. The decision and the forecast follow published
@@ -24,8 +26,15 @@ forecast half would be amplified g times (measured with `fast` at guidance 4.5: 
 `off`). Everything else stays exact: guidance,
 the samplers and their noise streams see the forecast exactly where they would have seen the model's output.
 
-Memory: a row keeps its last input and two outputs (the prediction half of the channels): three arrays the size of
-its latents, freed when its request finishes.
+* **Blocks** (first-block-residual caching: FBCache, and diffusers' FirstBlockCache whose rule this is): the
+  head (embeddings and the first n blocks) runs for every row; its residual r (output minus input) is compared with
+  r' at the row's last computed step, and the row skips the body while `mean|r - r'| / mean|r'|` stays under the
+  threshold, adding the body's residual cached at that step to its current head output instead. A skipped row still
+  sees its current input, timestep and text through the head and the tail (final norm and projection).
+
+Memory: a forecasting row keeps its last input and two outputs (the prediction half of the channels): three arrays
+the size of its latents; a blocks row two arrays of its hidden states (tokens x width: 19 MB each for a 1024² row
+of the real model). Both are freed when the request finishes.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.schedulers.base import data_terms
-from engine.vocabulary import STEP_CACHE_MODES
+from engine.vocabulary import DEFAULT_STEP_CACHE_MECHANISM, STEP_CACHE_MECHANISMS, STEP_CACHE_MODES
 
 FORECASTS = ("reuse", "linear")
 CRITERIA = ("input", "output")
@@ -65,7 +74,7 @@ class CachePolicy:
 
     def always_computed(self, step_index: int, total_steps: int) -> bool:
         first = max(1, round(self.first_steps * total_steps))
-        last = max(1, round(self.last_steps * total_steps))
+        last = max(1, round(self.last_steps * total_steps)) if self.last_steps > 0 else 0
         return step_index < first or step_index >= total_steps - last
 
 
@@ -75,7 +84,13 @@ POLICIES: dict[str, CachePolicy] = {
     "balanced": CachePolicy(threshold=0.2),
     "fast": CachePolicy(threshold=0.4, max_skips=4),
 }
-assert set(POLICIES) | {"off"} == set(STEP_CACHE_MODES)
+# The "blocks" mechanism's (its threshold bounds the head residual's relative change; criterion, forecast and space
+# do not apply), chosen with the same benchmark.
+BLOCK_POLICIES: dict[str, CachePolicy] = {
+    "balanced": CachePolicy(threshold=0.2),
+    "fast": CachePolicy(threshold=0.3, max_skips=4),
+}
+assert set(POLICIES) | {"off"} == set(BLOCK_POLICIES) | {"off"} == set(STEP_CACHE_MODES)
 
 
 Conversion = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sample, array) -> array
@@ -157,20 +172,65 @@ class RowCache:
         return from_data(x, out) if self.policy.space == "data" else out
 
 
+class BlockRowCache:
+    """One transformer row's head residual and body residual at its last computed step (the "blocks" mechanism)."""
+
+    def __init__(self, policy: CachePolicy):
+        self.policy = policy
+        self.head_residual: np.ndarray | None = None
+        self.body_residual: np.ndarray | None = None
+        self.skipped = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.head_residual, self.body_residual) if a is not None)
+
+    def computes(self, head_residual: np.ndarray, step_index: int, total_steps: int) -> bool:
+        """Whether this row runs the body at `step_index`, its head having made `head_residual`."""
+        if self.head_residual is None or self.skipped >= self.policy.max_skips:
+            return True
+        if self.policy.always_computed(step_index, total_steps):
+            return True
+        last = self.head_residual
+        change = np.mean(np.abs(head_residual - last), dtype=np.float64) / max(
+            float(np.mean(np.abs(last), dtype=np.float64)), 1e-12)
+        return change >= self.policy.threshold
+
+    def record(self, head_residual: np.ndarray, body_residual: np.ndarray) -> None:
+        """A computed step's residuals (kept as copies)."""
+        self.head_residual, self.body_residual = head_residual.copy(), body_residual
+        self.skipped = 0
+
+    def reuse(self) -> np.ndarray:
+        """The body residual this row adds to its head output instead of running the body."""
+        self.skipped += 1
+        return self.body_residual
+
+
 class StepCache:
     """A request's rows: its images' prompt halves, then (when guided) their negative-prompt halves, in the order a
     transformer batch lays them out (engine.generation)."""
 
-    def __init__(self, mode: str, images: int, guided: bool):
-        self.rows = [RowCache(POLICIES[mode]) for _ in range(images * (2 if guided else 1))]
+    def __init__(self, mode: str, images: int, guided: bool, mechanism: str = DEFAULT_STEP_CACHE_MECHANISM):
+        self.mechanism = mechanism
+        row, policy = (RowCache, POLICIES[mode]) if mechanism == "forecast" else (BlockRowCache, BLOCK_POLICIES[mode])
+        self.rows: list[RowCache] | list[BlockRowCache] = [row(policy) for _ in range(images * (2 if guided else 1))]
+
+    @property
+    def forecasts(self) -> bool:
+        """Rows skip the whole transformer call and forecast its output (else they run its head and tail)."""
+        return self.mechanism == "forecast"
 
     @property
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.rows)
 
 
-def step_cache_for(mode: str, images: int, guided: bool) -> StepCache | None:
+def step_cache_for(mode: str, images: int, guided: bool,
+                   mechanism: str = DEFAULT_STEP_CACHE_MECHANISM) -> StepCache | None:
     """None for "off": such a request steps exactly as the engine does without caching."""
     if mode not in STEP_CACHE_MODES:
         raise ValueError(f"step_cache: one of {STEP_CACHE_MODES}, not {mode!r}")
-    return None if mode == "off" else StepCache(mode, images, guided)
+    if mechanism not in STEP_CACHE_MECHANISMS:
+        raise ValueError(f"step_cache_mechanism: one of {STEP_CACHE_MECHANISMS}, not {mechanism!r}")
+    return None if mode == "off" else StepCache(mode, images, guided, mechanism)

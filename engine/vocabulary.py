@@ -39,6 +39,9 @@ FORMAT_DETAILS: dict[str, tuple[str, str, dict, str]] = {
 # step caching (engine/step_cache.py): "off" computes every step; the others skip a row's transformer call on steps
 # where its output is predicted to barely change, "fast" more eagerly than "balanced"
 STEP_CACHE_MODES = ("off", "balanced", "fast")
+# how a row skips (engine/step_cache.py): "forecast" skips the whole transformer call and forecasts the model's
+# output; "blocks" runs the first block(s) every step and skips the rest (first-block-residual caching)
+STEP_CACHE_MECHANISMS = ("forecast", "blocks")
 FLAGGED_IMAGE_MODES = ("black", "blur")  # what happens to an image the safety checker flags
 
 DEFAULT_STYLE = STYLE_NAMES[0]
@@ -48,6 +51,7 @@ DEFAULT_SCHEDULER = SCHEDULERS[0]
 DEFAULT_GUIDANCE = 4.5
 DEFAULT_FORMAT = OUTPUT_FORMATS[0]
 DEFAULT_STEP_CACHE = STEP_CACHE_MODES[0]
+DEFAULT_STEP_CACHE_MECHANISM = STEP_CACHE_MECHANISMS[0]
 
 MAX_PROMPT_CHARS = 10_000
 MIN_SIDE, MAX_SIDE = 256, 2048

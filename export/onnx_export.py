@@ -18,11 +18,12 @@ import torch
 from tqdm import tqdm
 
 from engine import manifest as manifest_format
+from engine.manifest import TRANSFORMER_PARTS as PARTS
 from engine.manifest import sha256
 from engine.vocabulary import MAX_SEQUENCE_LENGTH
 from export.graphs.safety_checker import build_default_checker, export_safety_checker
 from export.graphs.text_encoder import export_text_encoder
-from export.graphs.transformer import export_transformer, pos_embed_geometry
+from export.graphs.transformer import export_transformer, export_transformer_parts, pos_embed_geometry
 from export.graphs.vae import export_vae_decoder
 from export.onnx_io import OPSET
 from export.optimize import QUANTIZATIONS, WeightOnly, fuse, fuse_attention_file, quantize_int8, quantize_weights
@@ -89,6 +90,7 @@ def export_model(
     text_encoder_precision: str = "fp32",
     quantize_transformer: bool = False,
     safety_checker: str | Path | None = None,
+    head_blocks: int | None = 1,
     progress: bool = True,
 ) -> Path:
     """Export the checkpoint `model` (folder or hub id) to `out_dir`; return the manifest's path.
@@ -103,12 +105,15 @@ def export_model(
     transformer. `text_encoder_precision` "fp16" writes the plain
     text encoder graph in fp16 (T5-XXL: 9.5 GB instead of 19; the fp16 variant then shares it).
     `safety_checker`: a StableDiffusionSafetyChecker checkpoint (folder or hub id) to export beside the model,
-    or "default" for the embedded tiny one.
+    or "default" for the embedded tiny one. `head_blocks`: the transformer is also exported as head (the first
+    `head_blocks` blocks), body and tail graphs, for first-block-residual caching (engine.transformer_parts; plain,
+    fused and int8, not the half-precision variants); None leaves them out.
     """
     check_options(precisions, quantize_text_encoder, quantize_transformer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = ["load", "text_encoder", "transformer", "vae_decoder", "tokenizer", "manifest"]
+    steps += ["transformer parts"] * (head_blocks is not None)
     steps += ["optimize"] * optimize + ["int8"] * int8 + list(precisions) + [f"T5 {q}" for q in quantize_text_encoder]
     steps += ["fp16-int8"] * quantize_transformer
     steps += ["safety checker"] * bool(safety_checker)
@@ -126,6 +131,9 @@ def export_model(
     advance("text encoder")
     files["transformer"] = export_transformer(c["transformer"], out / "transformer.onnx")
     advance("transformer")
+    if head_blocks is not None:
+        files.update(export_transformer_parts(c["transformer"], out, head_blocks))
+        advance("transformer parts")
     files["vae_decoder"] = export_vae_decoder(c["vae"], out / "vae_decoder.onnx")
     advance("VAE decoder")
     files["tokenizer"] = tokenizer_json_for(c["tokenizer_dir"], out / "tokenizer.json")
@@ -160,6 +168,8 @@ def export_model(
     manifest = build_manifest(model, c, files, variants, fusions, checker, precision_notes,
                               time.perf_counter() - started)
     manifest["text_encoder"]["precision"] = text_encoder_precision
+    if head_blocks is not None:
+        manifest["transformer"]["head_blocks"] = head_blocks
     # Linux reports KiB: the export's own peak, so that "exports in N GB" is a recorded fact, not a claim
     manifest["export_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     path = out / MANIFEST
@@ -196,6 +206,7 @@ def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, in
         "transformer": (c["transformer"].config.num_attention_heads, c["transformer"].inner_dim),
         "text_encoder": (c["text_encoder_config"].num_heads, c["text_encoder_config"].d_model),
     }
+    shapes.update({part: shapes["transformer"] for part in PARTS if part in files})
     variants: dict[str, dict[str, Path]] = {}
     fusions: dict[str, dict[str, int]] = {}
     if optimize:
@@ -203,15 +214,15 @@ def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, in
         for name, (heads, hidden) in shapes.items():
             target = out / f"{name}.opt.onnx"
             external = files[name].with_name(files[name].name + ".data").exists()
-            if name == "transformer":
+            if name.startswith("transformer"):
                 # our attention fusion first: ONNX Runtime's optimizer does not match the DiT's attention
-                source = target if external else out / "transformer.mha.onnx"
+                source = target if external else out / f"{name}.mha.onnx"
                 attention = fuse_attention_file(files[name], source, heads)
                 fusions[name] = {"MultiHeadAttention": attention}
                 variants["optimized"][name] = target
                 if external:
                     continue
-                fusions[name] = fuse(source, target, name, heads, hidden)
+                fusions[name] = fuse(source, target, "transformer", heads, hidden)
                 source.unlink()
                 continue
             if external:
@@ -227,7 +238,8 @@ def make_variants(c: dict, files: dict[str, Path], out: Path, optimize: bool, in
         # From the plain graph: the session applies its own fusions around the quantized MatMuls. The transformer
         # only: it is where the time goes (text is trimmed to a few dozen tokens), and quantize_dynamic holds
         # several copies of a graph's weights, which for T5 (2.8 GB in `small`, 19 GB real) exceeds 24 GiB.
-        variants["int8"] = {"transformer": quantize_int8(files["transformer"], out / "transformer.int8.onnx")}
+        variants["int8"] = {name: quantize_int8(files[name], out / f"{name}.int8.onnx")
+                            for name in ("transformer", *PARTS) if name in files}
         advance("int8")
     return variants, fusions
 

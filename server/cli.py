@@ -60,7 +60,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     check(config)
     explicit = {"variant": config.variant, "intra_op_threads": config.intra_op_threads,
                 "text_cache_dir": config.text_cache_dir, "flagged_images": config.flagged_images,
-                "text_cache_mb": config.text_cache_mb, "step_cache": config.step_cache}
+                "text_cache_mb": config.text_cache_mb, "step_cache": config.step_cache,
+                "step_cache_mechanism": config.step_cache_mechanism}
     config.engine_options = {**memory_options(config), **{k: v for k, v in explicit.items() if v is not None},
                              **gpu_options(config.engine, config.max_batch_images, config.cuda_graphs,
                                            config.trt_cache_dir)}

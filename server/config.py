@@ -13,7 +13,13 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from engine.memory import PLANS
-from engine.vocabulary import DEFAULT_STEP_CACHE, FLAGGED_IMAGE_MODES, STEP_CACHE_MODES
+from engine.vocabulary import (
+    DEFAULT_STEP_CACHE,
+    DEFAULT_STEP_CACHE_MECHANISM,
+    FLAGGED_IMAGE_MODES,
+    STEP_CACHE_MECHANISMS,
+    STEP_CACHE_MODES,
+)
 
 
 def optional_port(text: str) -> int | None:
@@ -85,6 +91,10 @@ class ServerConfig:
         DEFAULT_STEP_CACHE, "step-cache mode of requests that name none: off computes every step; balanced and fast "
         "skip a row's transformer work on steps predicted to change little (README 'Step caching')",
         choices=STEP_CACHE_MODES)
+    step_cache_mechanism: str = _setting(
+        DEFAULT_STEP_CACHE_MECHANISM, "how cached rows skip work: forecast skips the whole transformer call and "
+        "forecasts its output; blocks runs the first block(s) and reuses the rest's cached residual (needs an export "
+        "with the transformer's parts, `pixart export --head-blocks`)", choices=STEP_CACHE_MECHANISMS)
     text_cache_mb: float = _setting(256.0, "memory for cached prompt embeddings")
     text_cache_dir: str | None = _setting(
         None, "also keep prompt embeddings on disk here, across restarts (the edge plans: <store>/text-cache)")

@@ -136,10 +136,9 @@ def test_bad_modes_are_named():
     assert ("step_cache", "must be one of off, balanced, fast") in request("turbo").violations()
 
 
-@pytest.mark.parametrize("sampler", ["DPM-SOLVER", "SA-SOLVER"])
-def test_a_cached_request_does_not_depend_on_its_companions(engine, sampler):
-    """The subject caches ("fast"); companions mix off and fast rows, guided and unguided, the other sampler, two
-    images; each joins at step 0, 1 or k. Everyone equals itself alone, and makes the same decisions."""
+def assert_independent_of_companions(engine, sampler: str) -> None:
+    """The subject caches ("fast"); companions mix off, balanced and fast rows, guided and unguided, the other
+    sampler, two images; each joins at step 0, 1 or k. Everyone equals itself alone, and makes the same decisions."""
     other = "DPM-SOLVER" if sampler == "SA-SOLVER" else "SA-SOLVER"
     subject = request("fast", sampler=sampler)
     everyone = [
@@ -149,15 +148,21 @@ def test_a_cached_request_does_not_depend_on_its_companions(engine, sampler):
         dataclasses.replace(subject, prompt="a green star", seed=22, num_inference_steps=12, scheduler=other,
                             num_images=2, guidance_scale=3.0),
         dataclasses.replace(subject, prompt="a white ring", seed=23, num_inference_steps=9, step_cache="off"),
+        dataclasses.replace(subject, prompt="a black cross", seed=24, num_inference_steps=10, step_cache="balanced"),
     ]
     alone = [engine.generate(r) for r in everyone]
     assert alone[0].steps_cached > 0 and alone[2].steps_cached > 0
     for name in ("all at step 0", "joins at step 1", "joins at step k"):
-        results = run_schedule(engine, everyone, SCHEDULES[name])
+        results = run_schedule(engine, everyone, [*SCHEDULES[name], 2])
         for r, together, by_itself in zip(everyone, results, alone, strict=True):
             assert np.abs(pixels(together) - pixels(by_itself)).max() <= 1, (name, r.prompt)
             assert (together.steps_computed, together.steps_cached) == (by_itself.steps_computed,
                                                                         by_itself.steps_cached), (name, r.prompt)
+
+
+@pytest.mark.parametrize("sampler", ["DPM-SOLVER", "SA-SOLVER"])
+def test_a_cached_request_does_not_depend_on_its_companions(engine, sampler):
+    assert_independent_of_companions(engine, sampler)
 
 
 def test_caching_beside_the_device_step_matches_the_host_step(default_export):
@@ -188,6 +193,11 @@ def test_serve_and_infer_take_a_step_cache_mode(default_export, tmp_path, monkey
     serve = ["serve", "--engine", str(default_export), "--store", str(tmp_path / "store")]
     assert config_from_args(parser.parse_args(serve)).engine_options["step_cache"] == "off"
     assert config_from_args(parser.parse_args([*serve, "--step-cache", "fast"])).engine_options["step_cache"] == "fast"
+    assert config_from_args(parser.parse_args(serve)).engine_options["step_cache_mechanism"] == "forecast"
+    blocks = config_from_args(parser.parse_args([*serve, "--step-cache-mechanism", "blocks"]))
+    assert blocks.engine_options["step_cache_mechanism"] == "blocks"
+    assert parser.parse_args(["infer", "x", "--engine", "e", "--step-cache-mechanism", "blocks"]).step_cache_mechanism \
+        == "blocks"
     monkeypatch.setenv("PIXART_STEP_CACHE", "balanced")
     assert config_from_args(build_parser().parse_args(serve)).engine_options["step_cache"] == "balanced"
     with pytest.raises(SystemExit):
