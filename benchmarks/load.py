@@ -31,12 +31,16 @@ from benchmarks.common.paths import RESULTS
 from benchmarks.common.prompts import PROMPTS
 from benchmarks.common.report import write_report
 from benchmarks.common.serve import ServeProcess
+from benchmarks.models import CONFIGS, cached_export
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--address", help="a running server, host:port")
     target.add_argument("--engine", help="an export folder: start `pixart serve` on it for each --max-batch")
+    target.add_argument("--config", choices=CONFIGS,
+                        help="a benchmark config (benchmarks.models) laid out for 256², exported once and cached: "
+                        "its export is --engine")
     p.add_argument("--max-batch", default="1,4", help="with --engine: server --max-batch values (1 = no batching)")
     p.add_argument("--max-wait-ms", type=float, default=50.0, help="with --engine: server batching window")
     p.add_argument("--clients", type=int, default=4, help="concurrent clients")
@@ -168,6 +172,8 @@ def start_server(engine: str, max_batch: int, max_wait_ms: float, work: Path,
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config:
+        args.engine = str(cached_export(args.config, 256)[1])
     if args.arrival == "poisson":
         return run_poisson(args)
     out_dir = Path(args.out_dir)
@@ -294,7 +300,7 @@ def run_poisson(args: argparse.Namespace) -> int:
     from engine.vocabulary import parse_image_size
 
     if not args.engine:
-        raise SystemExit("--arrival poisson starts its own servers: give --engine")
+        raise SystemExit("--arrival poisson starts its own servers: give --engine or --config")
     steps = [int(s) for s in args.mix_steps.split(",")]
     sizes = [parse_image_size(s) for s in args.mix_sizes.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

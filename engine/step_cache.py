@@ -1,7 +1,7 @@
 """Step caching: a transformer row skips model work on steps where its output is predicted to barely change. Two
 mechanisms, one per engine (`Engine(step_cache_mechanism=...)`): "forecast" skips the whole transformer call and
 takes a forecast of the model's output (RowCache); "blocks" runs the first block(s) every step and skips the rest
-when their residual barely changed (BlockRowCache; the parts' calls are engine.transformer_parts').
+when their residual barely changed (BlockRowCache; engine.transformer_parts runs the transformer's parts).
 
 Each row of a batch (one image's prompt half, or its negative-prompt half) decides from its own history only, so a
 request's image does not depend on the requests it runs with. The decision and the forecast follow published
@@ -85,7 +85,8 @@ POLICIES: dict[str, CachePolicy] = {
     "fast": CachePolicy(threshold=0.4, max_skips=4),
 }
 # The "blocks" mechanism's (its threshold bounds the head residual's relative change; criterion, forecast and space
-# do not apply), chosen with the same benchmark.
+# do not apply): balanced at the threshold diffusers' FirstBlockCache was measured with here, fast a step further,
+# then measured with the same benchmark (README "Step caching": forecast does less work at comparable accuracy).
 BLOCK_POLICIES: dict[str, CachePolicy] = {
     "balanced": CachePolicy(threshold=0.2),
     "fast": CachePolicy(threshold=0.3, max_skips=4),
