@@ -136,7 +136,8 @@ class App:
         self.outputs.on_lost_claim = self.loop.cancel
         self.replica = Replica(self.store, self.loop, self.outputs, self.webhooks, self.metrics, ReplicaConfig(
             name=self.replica_name, lease_s=cfg.lease_s, poll_s=cfg.poll_s,
-            claim_ahead=min(cfg.max_batch, cfg.max_queue), result_ttl_s=cfg.result_ttl_s), self.service.violations)
+            claim_ahead=min(cfg.max_batch, cfg.max_queue), result_ttl_s=cfg.result_ttl_s), self.service.violations,
+            on_store=self._store_reachable)
         self.service.attach(self.loop, self.replica)
         self.loop.start()
         await self.replica.start()
@@ -147,6 +148,12 @@ class App:
             tmp = Path(f"{cfg.port_file}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"port": self.port, "http_port": self.http_port}))
             os.replace(tmp, cfg.port_file)
+
+    async def _store_reachable(self, reachable: bool) -> None:
+        """The replica's queue work found the store away, or back: new work and health follow."""
+        self.service.store_reachable = reachable
+        if not self.draining:
+            await self.grpc.set_serving(self.service.ready)
 
     # -- stop ------------------------------------------------------------------------------------------------
     async def drain(self) -> None:

@@ -4,3 +4,5 @@
 MAX_REQUEST_BYTES = 1 << 20
 # 8 PNGs of 2048x2048 RGB are at most ~8 x 12.6 MB plus framing; 256 MiB leaves room for incompressible data.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# Seconds a 503 (the queue is full, the store cannot be reached, the server is starting) asks callers to wait
+RETRY_AFTER_S = 5

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.request import GenerationRequest, GenerationResult
+from engine.request import Cancelled, GenerationRequest, GenerationResult
 
 from .scheduler import ExecutionOutput, Scheduler, SchedulerOutput
 from .work import Done, Logged, Stepped, Update, WorkItem, log_line
@@ -255,6 +255,10 @@ class EngineLoop:
                 log.exception("finishing failed", extra={"request_id": item.id})
                 outcome = exc
             item.generation = None  # its latents and text states are not needed any more
+            with self._cond:  # decided under the lock Cancel takes: an acknowledged cancel is never overtaken
+                if item.cancel_requested:
+                    outcome = Cancelled("cancelled before its result was recorded")
+                item.settled = True
             # reported before the loop can look idle: the drain relies on it
             self.report(ItemEvent(item, Done(outcome)))
             with self._cond:

@@ -7,7 +7,9 @@ where, in the order they happened, this module
   did (progress, log lines);
 - tells the callers that wait on a request (`watch`) about its queue position, steps and log lines, then its end;
 - writes the store: a durable request's start (`set_running`), and every outcome that must be kept (`finish`:
-  result, images, error, logs), in worker threads, so neither the event loop nor the engine waits on a disk;
+  result, images, error, logs), in worker threads, so neither the event loop nor the engine waits on a disk; an
+  outcome that meets the store away is kept and written once it is back (retried with backoff), so that work
+  finished during a database outage is recorded, not run again;
 - moves the metrics, and hands ended requests with a webhook to the webhook deliveries.
 
 An outcome is recorded before anyone waiting is told, so whoever sees the terminal state can read the stored result.
@@ -20,9 +22,9 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from engine.request import GenerationResult
+from engine.request import Cancelled, GenerationResult
 from server.observability.metrics import STAGES, Metrics
-from server.storage import Store
+from server.storage import ResultWriteFailed, Store, StoreUnavailable
 from server.storage.states import State
 
 from . import records
@@ -30,6 +32,7 @@ from .engine_loop import Batched, Event, ItemEvent, Queue, Started
 from .work import Done, Logged, Queued, ShutdownAbort, Stepped, Update, WorkItem, final_state, log_line
 
 log = logging.getLogger("pixart.server")
+RECORD_RETRY_S = (0.5, 10.0)  # first and longest wait between attempts to record an outcome while the store is away
 
 
 class Webhooks(Protocol):
@@ -114,7 +117,10 @@ class Outputs:
     async def _mark_running(self, item: WorkItem) -> None:
         try:
             held = await asyncio.to_thread(self.store.set_running, item.id, self.replica, item.claim)
-        except Exception:  # the database is away: the renewal will tell whether the claim still holds
+        except StoreUnavailable:  # the database is away: the renewal will tell whether the claim still holds
+            log.warning("recording the start failed: the store is away", extra={"request_id": item.id})
+            return
+        except Exception:
             log.exception("recording the start failed", extra={"request_id": item.id})
             return
         if not held:
@@ -138,18 +144,16 @@ class Outputs:
             self.add_log(item, "canceled")
         else:
             self.add_log(item, f"failed: {type(outcome).__name__}: {str(outcome)[:500]}", "ERROR")
+        recorded, outcome = await self._recorded(item, state, outcome)
+        if recorded is not None and recorded != state:
+            state = recorded
+            if state == State.CANCELED:  # a cancel acknowledged before the record wins
+                outcome = Cancelled("cancelled before its result was recorded")
+                self.add_log(item, "canceled: the cancel arrived before the result was recorded")
         self._count(state, outcome)
-        try:
-            recorded = await asyncio.to_thread(self._record, item, state, outcome)
-        except Exception:
-            log.exception("recording the outcome failed", extra={"request_id": item.id})
-            recorded = False
-        else:
-            if not recorded:  # another replica took the request over (or it ended): its outcome is the one kept
-                log.warning("outcome refused: the claim was lost", extra={"request_id": item.id, "state": state})
         item.state = state
         self._end(item, outcome)
-        if recorded:
+        if recorded is not None:
             steps = {"steps_computed": outcome.steps_computed, "steps_cached": outcome.steps_cached} if isinstance(
                 outcome, GenerationResult) else {}
             log.info("ended", extra={"request_id": item.id, "state": state, "queue_s": round(item.queue_s, 4),
@@ -157,9 +161,39 @@ class Outputs:
             if item.webhook_url:
                 self.webhooks.schedule(item.id)
 
-    def _record(self, item: WorkItem, state: str, outcome: GenerationResult | BaseException) -> bool:
+    async def _recorded(self, item: WorkItem, state: str, outcome: GenerationResult | BaseException
+                        ) -> tuple[str | None, GenerationResult | BaseException]:
+        """Record the outcome, waiting out a store that cannot be reached (the request stays live here meanwhile,
+        and its claim fences a late write); images that cannot be stored make the outcome that failure. Returns
+        the state recorded (None when it could not be) and the outcome."""
+        wait, longest = RECORD_RETRY_S
+        while True:
+            try:
+                recorded = await asyncio.to_thread(self._record, item, state, outcome)
+            except ResultWriteFailed as exc:  # the images are gone: the request fails, saying why
+                self.metrics.result_write_failures.inc()
+                log.error("storing the result images failed", extra={"request_id": item.id, "error": str(exc)})
+                state, outcome = State.FAILED, exc
+                self.add_log(item, f"failed: {exc}", "ERROR")
+                continue
+            except StoreUnavailable:
+                if wait == RECORD_RETRY_S[0]:
+                    log.warning("the store is away; the outcome is kept and recorded once it is back",
+                                extra={"request_id": item.id, "state": state})
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, longest)
+                continue
+            except Exception:
+                log.exception("recording the outcome failed", extra={"request_id": item.id})
+                return None, outcome
+            if recorded is None:  # another replica took the request over (or it ended): its outcome is the one kept
+                log.warning("outcome refused: the claim was lost", extra={"request_id": item.id, "state": state})
+            return recorded, outcome
+
+    def _record(self, item: WorkItem, state: str, outcome: GenerationResult | BaseException) -> str | None:
         """The store write of an outcome (in a worker thread): durable requests always, a call's only when its
-        images must outlive it (sync_mode=false: they are served by URL). False when the claim was lost."""
+        images must outlive it (sync_mode=false: they are served by URL). The state recorded (CANCELED where a
+        cancel was acknowledged first), None when the claim was lost."""
         result = error = None
         images: list[tuple[str, bytes]] = []
         if isinstance(outcome, GenerationResult):
@@ -169,7 +203,7 @@ class Outputs:
         else:
             error = records.outcome_status(outcome)
         if not (item.durable or images):
-            return True
+            return state
         request = item.request_bytes or records.request_to_proto(item.request).SerializeToString()
         return self.store.finish(
             item.id, state, request=request, owner=self.replica if item.durable else None, attempt=item.claim,

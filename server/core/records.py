@@ -20,6 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from engine import vocabulary
 from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
+from server.storage import ResultWriteFailed
 
 from .work import DeadlineExceeded, ShutdownAbort
 
@@ -224,6 +225,8 @@ def outcome_status(outcome: BaseException) -> status_pb2.Status:
         return error_status(grpc.StatusCode.UNAVAILABLE, "the server shut down before the request ended")
     if isinstance(outcome, Cancelled):
         return error_status(grpc.StatusCode.CANCELLED, "cancelled")
+    if isinstance(outcome, ResultWriteFailed):  # the storage's fault, not the request's: worth a retry later
+        return error_status(grpc.StatusCode.UNAVAILABLE, f"the images were made but could not be stored: {outcome}")
     return status_from_exception(outcome)
 
 

@@ -4,7 +4,8 @@ The queue lives in the store, which several replicas may share (PostgreSQL). Eve
 claim the oldest queued requests while its engine loop has room for them, renew the leases of what it holds
 (publishing their progress, and hearing of cancels sent to other replicas), find webhooks nobody is delivering,
 forget results past their time, and hand back what it has not started when it drains. A replica that dies stops
-renewing; its requests are claimed again once their leases run out.
+renewing; its requests are claimed again once their leases run out. While the store cannot be reached the loop
+keeps trying every poll, and says so (`on_store`: the server's health and admission follow it).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from engine.request import Cancelled, GenerationRequest, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.observability.metrics import Metrics
-from server.storage import IN_PROGRESS, Row, Store
+from server.storage import IN_PROGRESS, Row, Store, StoreUnavailable
 
 from . import records
 from .deliveries import WebhookDeliveries
@@ -41,10 +42,14 @@ class ReplicaConfig:
 class Replica:
     def __init__(self, store: Store, loop: EngineLoop, outputs: Outputs, webhooks: WebhookDeliveries,
                  metrics: Metrics, config: ReplicaConfig,
-                 violations: Callable[[GenerationRequest], list[tuple[str, str]]]):
-        """`violations`: the service's validation, for stored requests (the engine may have changed since)."""
+                 violations: Callable[[GenerationRequest], list[tuple[str, str]]],
+                 on_store: Callable[[bool], Awaitable[None]] | None = None):
+        """`violations`: the service's validation, for stored requests (the engine may have changed since);
+        `on_store`: told when the store becomes unreachable (False) and reachable again (True)."""
         self.store, self.loop, self.outputs, self.webhooks = store, loop, outputs, webhooks
         self.metrics, self.config, self.violations = metrics, config, violations
+        self.on_store = on_store
+        self.store_reachable = True
         self.draining = False
         self._claiming = asyncio.Lock()  # one claim at a time; the drain waits for the one under way
         self._wake = asyncio.Event()
@@ -79,12 +84,14 @@ class Replica:
         item = WorkItem(request, durable=True, request_bytes=row.request, webhook_url=row.webhook_url,
                         origin=row.origin, id=row.id, claim=row.attempt)
         self.outputs.track(item)
+        # outcomes are recorded on their own task: a store that goes away meanwhile (and is waited out) must not
+        # hold the claim loop, its renewals, or a Submit that asked it to claim
         if row.cancel_requested:  # cancelled while queued elsewhere, or while a replica that died ran it
-            await self.outputs.complete(item, Cancelled())
+            self.outputs.spawn(self.outputs.complete(item, Cancelled()))
             return
         violations = self.violations(request)
         if violations:  # the engine changed under a stored request: it fails, visibly
-            await self.outputs.complete(item, InvalidRequest(violations))
+            self.outputs.spawn(self.outputs.complete(item, InvalidRequest(violations)))
             return
         if row.attempt > 1:
             self.outputs.add_log(item, "recovered: it was claimed before by a replica that stopped (a server restart)")
@@ -111,7 +118,7 @@ class Replica:
     async def stop(self, item: WorkItem) -> None:
         """Stop a request held here: out of the queue at once, or at its next step if it runs."""
         if self.loop.cancel(item) == "queued":
-            await self.outputs.complete(item, Cancelled())
+            self.outputs.spawn(self.outputs.complete(item, Cancelled()))
 
     # -- the loops -------------------------------------------------------------------------------------------
     async def _work(self) -> None:
@@ -132,8 +139,24 @@ class Replica:
                     await self.webhooks.sweep()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the database may be away for a moment: keep trying, the leases say what is whose
+            except StoreUnavailable:  # the database is away: keep trying, the leases say what is whose
+                await self._store_found(False)
+                continue
+            except Exception:
                 log.exception("queue work failed")
+            else:
+                await self._store_found(True)
+
+    async def _store_found(self, reachable: bool) -> None:
+        if reachable == self.store_reachable:
+            return
+        self.store_reachable = reachable
+        if reachable:
+            log.info("the store is reachable again")
+        else:
+            log.warning("the store cannot be reached; not serving new work until it is back")
+        if self.on_store is not None:
+            await self.on_store(reachable)
 
     async def _expire(self) -> None:
         period = max(1.0, min(60.0, self.config.result_ttl_s / 4))

@@ -95,12 +95,13 @@ class Scheduler:
             return None
 
     def cancel(self, item: WorkItem) -> str | None:
-        """"queued": taken out of the queue (the caller settles it); "running": it leaves at the next step;
-        None: the scheduler does not hold it."""
+        """"queued": taken out of the queue (the caller settles it); "running": it leaves at the next step, or,
+        past its last step, its outcome will be Cancelled; None: the scheduler does not hold it, or its outcome is
+        already decided."""
         if item in self.waiting:
             self.waiting.remove(item)
             return "queued"
-        if item in self.running:
+        if item in self.running and not item.settled:
             item.cancel_requested = True
             return "running"
         return None

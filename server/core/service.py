@@ -27,7 +27,7 @@ from google.rpc import status_pb2
 from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.observability.metrics import Metrics
-from server.storage import Row, Store, new_request_id
+from server.storage import Row, Store, StoreUnavailable, new_request_id
 from server.storage.states import CANCELED, IN_PROGRESS, IN_QUEUE, TERMINAL
 from server.webhooks import WebhookPolicy
 
@@ -40,6 +40,7 @@ from .work import Done, Draining, QueueFull, Unavailable, Update, WorkItem, log_
 
 log = logging.getLogger("pixart.server")
 LOADING = "the engine is still loading; retry shortly"
+STORE_AWAY = "the store cannot be reached now (its database is down or restarting); retry shortly"
 
 
 @dataclass
@@ -127,6 +128,7 @@ class RequestService:
         self.loop: EngineLoop | None = None  # attached once the engine is loaded
         self.replica: Claimer | None = None
         self.draining = False
+        self.store_reachable = True  # as this replica's queue work last found it (Replica tells)
 
     def attach(self, loop: EngineLoop, replica: Claimer) -> None:
         self.loop, self.replica = loop, replica
@@ -134,7 +136,7 @@ class RequestService:
     # -- readiness and validation ----------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.loop is not None and not self.draining
+        return self.unavailable() is None
 
     def unavailable(self) -> Unavailable | None:
         """Why no new work is taken now, or None."""
@@ -142,6 +144,8 @@ class RequestService:
             return Draining()
         if self.loop is None:
             return Unavailable(LOADING)
+        if not self.store_reachable:
+            return Unavailable(STORE_AWAY)
         return None
 
     def violations(self, request: GenerationRequest, webhook_url: str = "") -> list[tuple[str, str]]:
@@ -173,11 +177,14 @@ class RequestService:
 
         await asyncio.to_thread(add)
         log.info("accepted", extra={"request_id": request_id, "origin": origin})
-        await self.replica.claim()
-        item = self.outputs.live.get(request_id)
-        position = self.loop.position(item) if item is not None else None
-        if position is None:
-            position = 0 if item is not None else await asyncio.to_thread(self.store.position, request_id)
+        try:  # committed: from here on the answer is the id, whatever the store does next
+            await self.replica.claim()
+            item = self.outputs.live.get(request_id)
+            position = self.loop.position(item) if item is not None else None
+            if position is None:
+                position = 0 if item is not None else await asyncio.to_thread(self.store.position, request_id)
+        except StoreUnavailable:  # the replicas claim it once the store is back; its place is not known now
+            position = 0
         return request_id, position
 
     # -- calls that wait -------------------------------------------------------------------------------------
@@ -219,17 +226,22 @@ class RequestService:
         return Lookup(row.id, row.state, 0, (0, 0), row.logs, error, row)
 
     async def cancel(self, request_id: str) -> str:
-        """"queued" (it will not run), "running" (it stops at its next step, here or on the replica that runs
-        it, and stays cancelled across a crash), "ended" (already in a final state) or "unknown"."""
+        """"queued" (it will not run), "running" (it ends CANCELED: at its next step, or, past its last one, when
+        its result would have been recorded; here or on the replica that runs it, and across a crash), "ended"
+        (its outcome was already decided) or "unknown"."""
         item = self.outputs.live.get(request_id)
         if item is not None:
-            if item.durable:  # committed before the answer: a crash after "cancellation requested" must not rerun it
-                await asyncio.to_thread(self.store.request_cancel, request_id)
+            # committed before the answer: a crash after "cancellation requested" must not rerun it, and the
+            # store's finish turns the outcome into CANCELED under the row's lock
+            if item.durable and not await asyncio.to_thread(self.store.request_cancel, request_id):
+                return "ended"
             outcome = self.loop.cancel(item) if self.loop is not None else None
             if outcome == "queued":
                 await self.outputs.complete(item, Cancelled())
             if outcome is not None:
                 return outcome
+            if not item.durable:  # its outcome is decided and on its way to its caller
+                return "ended"
         row = await asyncio.to_thread(self.store.get, request_id)
         if row is None:
             return "unknown"

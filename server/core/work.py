@@ -57,6 +57,7 @@ class WorkItem:
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
     cancel_requested: bool = False
+    settled: bool = False  # its outcome is decided (finishing): a cancel can no longer change it
     progress: tuple[int, int] = (0, 0)
     logs: list[dict] = field(default_factory=list)
     outcome: GenerationResult | BaseException | None = None

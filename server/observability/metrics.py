@@ -33,6 +33,9 @@ class Metrics:
         self.row_steps = Counter("pixart_row_steps", "Transformer row-steps of completed requests: computed by the "
                                  "model, or taken from the step cache", ["kind"], registry=r)
         self.outcomes = Counter("pixart_request_outcomes", "Requests ended, by final state", ["state"], registry=r)
+        self.result_write_failures = Counter(
+            "pixart_result_write_failures", "Requests whose images could not be stored (results folder or object "
+            "store): each ended FAILED", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,10 +15,11 @@ import secrets
 from collections.abc import Iterator
 from typing import Any
 
-from psycopg_pool import ConnectionPool
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .results import Results
-from .sql import SchemaTooNew, SqlStore
+from .sql import SchemaTooNew, SqlStore, StoreUnavailable
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -56,6 +57,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 _LOCK_KEY = 0x70697861  # the advisory lock that serializes migrations ("pixa")
+# While the database is away a call waits this long for a connection, then answers StoreUnavailable: callers hear
+# UNAVAILABLE promptly instead of hanging until their deadline, and nothing they were not told about commits later.
+CHECKOUT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5
 
 
 class PostgresStore(SqlStore):
@@ -68,8 +73,12 @@ class PostgresStore(SqlStore):
         self.url = url
         self.results = results
         # the pool never logs or raises the URL (it carries the password); a bad one fails here, at startup
+        # `check`: a connection is tested as it leaves the pool, so that the ones a database restart broke are
+        # replaced there (the pool reconnects in the background, with backoff) instead of failing a caller each
         self._pool = ConnectionPool(url, min_size=min_connections, max_size=max_connections, open=False,
-                                    kwargs={"autocommit": True}, name="pixart-store")
+                                    kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+                                    timeout=CHECKOUT_TIMEOUT_S, check=ConnectionPool.check_connection,
+                                    name="pixart-store")
         self._pool.open(wait=True, timeout=30)
         try:
             self._migrate()
@@ -82,8 +91,12 @@ class PostgresStore(SqlStore):
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Any]:
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            yield cur
+        """One transaction; a database that is down, restarting or unreachable becomes StoreUnavailable."""
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise StoreUnavailable("the database cannot be reached now (down or restarting); retry later") from exc
 
     def schema_version(self) -> int:
         with self._tx() as cur:

@@ -15,12 +15,19 @@ from typing import Protocol
 from .ids import is_request_id, is_result_file_name
 
 
+class ResultWriteFailed(RuntimeError):
+    """A request's images could not be kept (a full or read-only results folder; an object store that is down,
+    answers errors, or stays slow past its timeouts and retries): none of its images is left behind. The message
+    says why, briefly."""
+
+
 class Results(Protocol):
     """Where result images are kept. Every method refuses (None, or ValueError for write) a request id that is not
     of the issued format and a file name the engine would not make, before it touches storage."""
 
     def write(self, request_id: str, images: Sequence[tuple[str, bytes]]) -> None:
-        """Each image atomically (a reader sees all of it or none); raises if one cannot be written."""
+        """Each image atomically (a reader sees all of it or none); ResultWriteFailed, with none of them left, if
+        one cannot be written."""
 
     def read(self, request_id: str, file_name: str) -> bytes | None: ...
 
@@ -44,14 +51,18 @@ class FolderResults:
         """Each file atomically (a reader sees all of it or none)."""
         if not is_request_id(request_id):
             raise ValueError("result folders are named by issued request ids only")
+        if not all(is_result_file_name(name) for name, _ in images):
+            raise ValueError("result file names must be image_<index>.<png|jpg|webp>")
         folder = self.root / request_id
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, data in images:
-            if not is_result_file_name(name):
-                raise ValueError("result file names must be image_<index>.<png|jpg|webp>")
-            tmp = folder / f".{name}.{os.getpid()}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, folder / name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in images:
+                tmp = folder / f".{name}.{os.getpid()}.tmp"
+                tmp.write_bytes(data)
+                os.replace(tmp, folder / name)
+        except OSError as exc:  # a full disk (ENOSPC), a read-only or vanished folder, a quota
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ResultWriteFailed(f"the results folder could not be written: {exc.strerror or exc}") from exc
 
     def path(self, request_id: str, file_name: str) -> Path | None:
         """The file of a stored image, or None. Only an id of the issued format and an engine-made file name are

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .ids import is_request_id, is_result_file_name
+from .results import ResultWriteFailed
 
 log = logging.getLogger("pixart.server")
 # SigV4 query signatures are refused by S3 beyond this many seconds.
@@ -56,7 +57,9 @@ class S3Results:
             signature_version="s3v4",
             # S3-compatible servers behind an endpoint URL rarely have wildcard DNS for virtual-hosted buckets
             s3={"addressing_style": "path" if endpoint_url else "auto"},
-            connect_timeout=5, read_timeout=30, retries={"max_attempts": 4, "mode": "standard"},
+            # a store that is down, erring or hanging costs a request at most ~4 x 10 s (retries back off between)
+            # before it fails, saying so (ResultWriteFailed), rather than holding it without bound
+            connect_timeout=5, read_timeout=10, retries={"max_attempts": 4, "mode": "standard"},
         )
         # a client is thread-safe (a session is not): one per store, shared by the worker and the event loop
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
@@ -74,11 +77,16 @@ class S3Results:
         return f"{self.prefix}{request_id}/{file_name}"
 
     def write(self, request_id: str, images: Sequence[tuple[str, bytes]]) -> None:
-        """One PUT per image (atomic per object); raises when one fails, so the row is not written."""
+        """One PUT per image (atomic per object; the client retries with backoff and times out, see __init__);
+        ResultWriteFailed when one fails anyway, after deleting those written, so the row is not written."""
         keys = [self._key(request_id, name) for name, _ in images]  # every name checked before the first PUT
-        for key, (name, data) in zip(keys, images, strict=True):
-            kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=kind)
+        try:
+            for key, (name, data) in zip(keys, images, strict=True):
+                kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=kind)
+        except self._errors as exc:
+            self.delete(request_id)
+            raise ResultWriteFailed(f"the object store did not take the images: {str(exc)[:300]}") from exc
 
     def read(self, request_id: str, file_name: str) -> bytes | None:
         if not (is_request_id(request_id) and is_result_file_name(file_name)):

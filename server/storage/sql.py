@@ -46,6 +46,12 @@ class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer server than this one."""
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached or written now (the database is down or restarting, its file is locked by
+    another process, its folder is read-only): nothing was committed, and the call may be retried later. The message
+    says which, briefly (never a connection URL)."""
+
+
 @dataclass
 class Row:
     id: str
@@ -221,19 +227,26 @@ class SqlStore:
         images: Sequence[tuple[str, bytes]] = (),
         error: bytes | None = None,
         logs: list | None = None,
-    ) -> bool:
-        """Record the end of a request. With `owner`: only if that claim (owner, attempt) still holds the unfinished
-        row, else False (refused: another replica took it over, or it ended). Without: a request that was never
-        stored (a unary call whose images must be served by URL) gets its row. Image files are written, atomically
-        each, under the row's lock and before the row points at them."""
+    ) -> str | None:
+        """Record the end of a request; returns the state recorded. With `owner`: only if that claim (owner,
+        attempt) still holds the unfinished row, else None (refused: another replica took it over, or it ended);
+        a row whose Cancel was acknowledged (the flag is committed before the answer) ends CANCELED whatever
+        `state` says, checked under the same row lock as the write, so that no acknowledged cancel is overtaken.
+        Without `owner`: a request that was never stored (a unary call whose images must be served by URL) gets
+        its row. Image files are written, atomically each, under the row's lock and before the row points at
+        them."""
         now = time.time()
         with self._tx() as cur:
             if owner is not None:
-                cur.execute(self._sql(f"SELECT owner, attempt, state FROM requests WHERE id = ?{self._for_update}"),
-                            (request_id,))
+                cur.execute(self._sql("SELECT owner, attempt, state, cancel_requested FROM requests "
+                                      f"WHERE id = ?{self._for_update}"), (request_id,))
                 found = cur.fetchone()
                 if found is None or found[0] != owner or found[1] != attempt or found[2] in TERMINAL:
-                    return False
+                    return None
+                if found[3] and state != CANCELED:
+                    state, result, error, images = CANCELED, None, None, ()
+                    logs = [*(logs or []), {"message": "canceled: the cancel arrived before the result was recorded",
+                                            "level": "INFO", "timestamp": now}]
             if images:
                 self.results.write(request_id, images)
             cur.execute(self._sql(
@@ -244,7 +257,7 @@ class SqlStore:
                        lease_until = NULL"""),
                 (request_id, state, request, now, now, error, result, json.dumps(logs or [])),
             )
-        return True
+        return state
 
     # -- webhooks -------------------------------------------------------------------------------------------
     def pending_webhooks(self, now: float | None = None) -> list[Row]:

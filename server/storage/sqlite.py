@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .results import FolderResults, Results
-from .sql import _ACTIVE, SchemaTooNew, SqlStore
+from .sql import _ACTIVE, SchemaTooNew, SqlStore, StoreUnavailable
 
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -88,16 +88,25 @@ class SqliteStore(SqlStore):
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
+        """One transaction; a database locked by another process past the busy timeout, a read-only or vanished
+        folder, a full disk become StoreUnavailable (nothing committed)."""
         with self._lock:
             cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
             try:
-                yield cur
-            except BaseException:
-                self._db.rollback()
-                raise
-            else:
-                self._db.commit()
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    yield cur
+                except BaseException:
+                    self._db.rollback()
+                    raise
+                else:
+                    self._db.commit()
+            except sqlite3.OperationalError as exc:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.rollback()
+                raise StoreUnavailable(f"the store's database in {self.folder} cannot be written now: "
+                                       f"{str(exc)[:200]}") from exc
             finally:
                 cur.close()
 

@@ -31,8 +31,11 @@ class FakeGeneration:
 class FakeEngine:
     has_safety_checker = False
 
-    def __init__(self, step_delay: float = 0.0, fail_prepare: str = "", fail_step_at: int = 0):
+    def __init__(self, step_delay: float = 0.0, fail_prepare: str = "", fail_step_at: int = 0,
+                 finish_delay: float = 0.0):
+        """`finish_delay`: seconds each finish takes (a slow decode: the window past a request's last step)."""
         self.step_delay, self.fail_prepare, self.fail_step_at = step_delay, fail_prepare, fail_step_at
+        self.finish_delay = finish_delay
         self.steps: list[list[str]] = []
         self.closed = False
 
@@ -56,6 +59,7 @@ class FakeEngine:
             g.step_index += 1
 
     def finish(self, generations):
+        time.sleep(self.finish_delay)
         return [GenerationResult([tiny_image(n) for n in range(g.request.num_images)],
                                  g.request.seed or 0, g.request.prompt, [False] * g.request.num_images,
                                  {"total": 0.001}) for g in generations]

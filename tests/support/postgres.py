@@ -48,3 +48,38 @@ def new_database() -> str:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return admin.replace("/postgres?", f"/{name}?", 1)
+
+
+class OwnServer:
+    """A PostgreSQL server of its own (not the session's), which a test may stop and start: an outage for the
+    replicas on it alone."""
+
+    def __init__(self) -> None:
+        _admin_url()  # skips, saying why, where the session's server cannot start either
+        import pgserver
+
+        self.folder = tempfile.mkdtemp(prefix="pixart-pg-own-")
+        self.server = pgserver.get_server(self.folder, cleanup_mode="stop")
+        self.url = self.server.get_uri()
+
+    def stop_immediately(self) -> None:
+        """`pg_ctl stop -m immediate`: every backend killed at once, no shutdown checkpoint (a crash)."""
+        from pgserver._commands import pg_ctl
+
+        pg_ctl(["-w", "stop", "-m", "immediate"], pgdata=self.server.pgdata, user=self.server.system_user)
+
+    def start(self) -> None:
+        self.server.ensure_postgres_running()
+
+    def terminate_connections(self) -> int:
+        """Kill every other connection server-side (`pg_terminate_backend`), as an administrator or a failover
+        would; returns how many."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return len(conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> "
+                                    "pg_backend_pid() AND datname = current_database()").fetchall())
+
+    def close(self) -> None:
+        self.server.cleanup()
+        shutil.rmtree(self.folder, ignore_errors=True)

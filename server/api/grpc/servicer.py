@@ -27,7 +27,7 @@ from server.core import records
 from server.core.service import Requests
 from server.core.work import Done, Logged, Queued, QueueFull, Stepped, Unavailable
 from server.observability.metrics import Metrics
-from server.storage import COMPLETED, IN_PROGRESS, IN_QUEUE, is_request_id
+from server.storage import COMPLETED, IN_PROGRESS, IN_QUEUE, StoreUnavailable, is_request_id
 
 NOT_FOUND_MESSAGE = "no such request (unknown, or expired after --result-ttl)"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -65,22 +65,29 @@ def _counted(metrics: Metrics, method: str) -> Iterator[None]:
 
 
 def _observed(fn: Callable) -> Callable:
-    """Count the call (unary or server-streaming) in the requests metric."""
+    """Count the call (unary or server-streaming) in the requests metric; a store that cannot be reached ends it
+    UNAVAILABLE (nothing was committed: the caller may retry), never UNKNOWN."""
     name = fn.__name__
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
         async def stream_wrapper(self: PixArtServicer, request: Any, context: Any) -> AsyncIterator:
             with _counted(self.metrics, name):
-                async for item in fn(self, request, context):
-                    yield item
+                try:
+                    async for item in fn(self, request, context):
+                        yield item
+                except StoreUnavailable as exc:
+                    await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
         return stream_wrapper
 
     @functools.wraps(fn)
     async def wrapper(self: PixArtServicer, request: Any, context: Any) -> Any:
         with _counted(self.metrics, name):
-            return await fn(self, request, context)
+            try:
+                return await fn(self, request, context)
+            except StoreUnavailable as exc:
+                await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
     return wrapper
 

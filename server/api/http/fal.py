@@ -37,7 +37,7 @@ from starlette.types import Receive, Scope, Send
 from engine.request import GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.api.keys import ApiKeys
-from server.api.limits import MAX_REQUEST_BYTES
+from server.api.limits import MAX_REQUEST_BYTES, RETRY_AFTER_S
 from server.core import records
 from server.core.service import Lookup, Requests
 from server.core.work import QueueFull, Unavailable
@@ -98,6 +98,11 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _unavailable(detail: str) -> JSONResponse:
+    """503 for work this server cannot take now, with how long to wait before retrying."""
+    return JSONResponse({"detail": detail}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def _logs(lines: list[dict]) -> list[dict]:
     return [{"message": line["message"], "level": LEVELS.get(line.get("level", "INFO"), "INFO"), "source": "USER",
              "timestamp": _iso(line.get("timestamp", time.time()))} for line in lines]
@@ -125,8 +130,8 @@ class FalApi:
             return JSONResponse({"detail": "a valid API key is required (Authorization: Key <key>)"}, 401)
         if _app_id(request) not in self.app_ids:
             return JSONResponse({"detail": "no such app on this server"}, 404)
-        if not self.service.ready:
-            return JSONResponse({"detail": "the server is starting or shutting down; retry shortly"}, 503)
+        if (why := self.service.unavailable()) is not None:
+            return _unavailable(str(why))
         return None
 
     @staticmethod
@@ -225,9 +230,9 @@ class FalApi:
         except InvalidRequest as exc:
             return self._invalid(exc.violations)
         except QueueFull:
-            return JSONResponse({"detail": "the queue is full; retry later"}, 503)
-        except Unavailable:
-            return JSONResponse({"detail": "the server is shutting down"}, 503)
+            return _unavailable("the queue is full; retry later")
+        except Unavailable as exc:
+            return _unavailable(str(exc))
         body = {"status": "IN_QUEUE", "request_id": rid, **self._urls(request, app_id, rid),
                 "queue_position": position}
         if webhook:
@@ -310,8 +315,10 @@ class FalApi:
             call = await self.service.start(generation, method="run")
         except InvalidRequest as exc:
             return self._invalid(exc.violations)
-        except (QueueFull, Unavailable):
-            return JSONResponse({"detail": "the queue is full or the server is shutting down; retry later"}, 503)
+        except QueueFull:
+            return _unavailable("the queue is full; retry later")
+        except Unavailable as exc:
+            return _unavailable(str(exc))
         try:
             outcome = await call.outcome()
         except asyncio.CancelledError:  # the caller went away: free the place or the step

@@ -24,12 +24,13 @@ from pathlib import Path
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.api.keys import ApiKeys
+from server.api.limits import RETRY_AFTER_S
 from server.core.links import ResultSigner
-from server.storage import is_request_id, is_result_file_name
+from server.storage import StoreUnavailable, is_request_id, is_result_file_name
 
 
 def build_app(
@@ -74,7 +75,12 @@ def build_app(
         table.append(Route("/results/{request_id}/{file_name}", result))
     if render_metrics is not None:
         table.append(Route("/metrics", metrics))
-    return Starlette(routes=table)
+    return Starlette(routes=table, exception_handlers={StoreUnavailable: store_unavailable})
+
+
+async def store_unavailable(request: Request, exc: Exception) -> Response:
+    """Any route whose store call found the database away: 503 with Retry-After, nothing committed."""
+    return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class _Server(uvicorn.Server):

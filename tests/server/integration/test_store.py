@@ -4,12 +4,14 @@ Submit, a claim, a lease, a cancel, a finish and a webhook delivery promise, whi
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from server import storage as st
-from server.storage import SchemaTooNew, SqliteStore, new_request_id, open_store
+from server.storage import SchemaTooNew, SqliteStore, StoreUnavailable, new_request_id, open_store
 from server.storage import sqlite as sqlite_backend
 from tests.support.postgres import new_database
 
@@ -129,6 +131,22 @@ def test_cancel_of_a_queued_request_nobody_holds_and_of_a_held_one(store) -> Non
     assert store.get(held).cancel_requested
 
 
+def test_an_acknowledged_cancel_wins_over_a_result_recorded_after_it(store) -> None:
+    """The Cancel contract: once `request_cancel` is committed (and CANCELLATION_REQUESTED answered), the runner's
+    finish records CANCELED under the same row lock, whatever it made: no result, no files."""
+    (rid,) = _submit(store)
+    (row,) = store.claim("a", 1, lease_s=60)
+    assert store.set_running(rid, "a", row.attempt)
+    assert store.request_cancel(rid)
+    recorded = store.finish(rid, st.COMPLETED, request=REQUEST, owner="a", attempt=row.attempt, result=b"r",
+                            images=[("image_0.png", b"png")], logs=[{"message": "completed"}])
+    stored = store.get(rid)
+    assert recorded == st.CANCELED and (stored.state, stored.result) == (st.CANCELED, None)
+    assert store.image_path(rid, "image_0.png") is None
+    assert [line["message"][:8] for line in stored.logs] == ["complete", "canceled"]
+    assert not store.request_cancel(rid)  # ended: a later Cancel is told so
+
+
 def test_webhook_delivery_is_claimed_once(store) -> None:
     (rid,) = _submit(store, webhook="https://example.com/hook")
     (row,) = store.claim("a", 1, lease_s=60)
@@ -166,6 +184,29 @@ def test_unary_results_expiry_and_secrets(store) -> None:
     assert store.get(rid) is None and store.image_path(rid, "image_0.png") is None
     key = store.secret("url-signing")
     assert len(key) == 32 and store.secret("url-signing") == key and store.secret("other") != key
+
+
+def test_a_sqlite_store_locked_by_another_process_answers_store_unavailable(tmp_path) -> None:
+    """Past SQLite's busy timeout (5 s) a locked database is StoreUnavailable (the transports' UNAVAILABLE / 503),
+    nothing committed; the store works again once the lock is gone. (A read-only folder cannot be simulated for
+    the root user these tests may run as: permissions do not bind it.)"""
+    store = open_store(tmp_path / "store")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+         "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(120)",
+         str(tmp_path / "store" / "requests.sqlite3")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rid = new_request_id()
+        with pytest.raises(StoreUnavailable, match="cannot be written now: database is locked"):
+            store.add(rid, REQUEST, "")
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert store.get(rid) is None
+    store.add(rid, REQUEST, "")
+    assert store.get(rid).state == st.IN_QUEUE
+    store.close()
 
 
 def test_schema_versions(store, tmp_path) -> None:

@@ -87,6 +87,29 @@ def test_a_cancel_between_steps_stops_that_row_only() -> None:
     assert sum("doomed" in rows for rows in engine.steps) < 50
 
 
+def test_a_cancel_past_the_last_step_ends_cancelled_until_the_outcome_is_decided() -> None:
+    """CANCELLATION_REQUESTED promises CANCELED: a row being decoded honours a cancel too; once its outcome is
+    decided the loop says it no longer holds it (the caller answers from the outcome)."""
+    engine = FakeEngine(finish_delay=0.3)
+    loop, recorder = loop_with(engine, max_batch=2, max_batch_images=2)
+    loop.start()
+    try:
+        decoding, finished = item("decoding", steps=1), item("finished", steps=1)
+        loop.submit(decoding)
+        loop.submit(finished)
+        while not (decoding in loop.scheduler.finishing and finished in loop.scheduler.finishing):
+            time.sleep(0.005)
+        assert loop.cancel(decoding) == "running"
+        recorder.outcomes(1)  # the finisher decodes one row at a time: "decoding" first
+        while not finished.settled:
+            time.sleep(0.005)
+        assert loop.cancel(finished) is None
+        outcomes = recorder.outcomes(2)
+    finally:
+        loop.stop(5)
+    assert isinstance(outcomes["decoding"], Cancelled) and isinstance(outcomes["finished"], GenerationResult)
+
+
 def test_a_failing_prepare_or_step_fails_its_rows_and_the_loop_goes_on() -> None:
     engine = FakeEngine(fail_prepare="refused", fail_step_at=2)
     loop, recorder = loop_with(engine, max_batch=4, max_batch_images=4)

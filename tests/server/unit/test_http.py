@@ -16,8 +16,8 @@ from server.api.keys import ApiKeys
 from server.core import records
 from server.core.links import ResultSigner
 from server.core.service import Lookup
-from server.core.work import QueueFull
-from server.storage import COMPLETED, FAILED, IN_QUEUE
+from server.core.work import QueueFull, Unavailable
+from server.storage import COMPLETED, FAILED, IN_QUEUE, StoreUnavailable
 
 KEY, APP = "k3y", "fal-ai/pixart-sigma"
 RID = "ab" * 16
@@ -33,6 +33,9 @@ class FakeRequests:
         self.submitted: list[tuple[GenerationRequest, str, str]] = []
         self.found: dict[str, Lookup] = {}
         self.cancels: dict[str, str] = {}
+
+    def unavailable(self):
+        return None if self.ready else Unavailable("the store cannot be reached now; retry shortly")
 
     def violations(self, request, webhook_url=""):
         hook = [("webhook_url", "must not point at a private address")] if webhook_url.startswith("http://10.") else []
@@ -102,10 +105,23 @@ def test_submit_refusals(http, service) -> None:
     r = http.post(f"/queue/{APP}", content=b"x" * ((1 << 20) + 1))
     assert r.status_code == 413
     service.full = True
-    assert http.post(f"/queue/{APP}", json={"prompt": "x"}).status_code == 503
+    r = http.post(f"/queue/{APP}", json={"prompt": "x"})
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0
     service.ready = False
-    assert http.post(f"/queue/{APP}", json={"prompt": "x"}).status_code == 503
+    r = http.post(f"/queue/{APP}", json={"prompt": "x"})
+    assert r.status_code == 503 and "store" in r.json()["detail"] and int(r.headers["Retry-After"]) > 0
     assert not service.submitted
+
+
+def test_a_store_that_cannot_be_reached_answers_503_with_retry_after(http, service, monkeypatch) -> None:
+    async def away(request_id):
+        raise StoreUnavailable("the database cannot be reached now (down or restarting); retry later")
+
+    monkeypatch.setattr(service, "lookup", away)
+    for path in (f"/queue/{APP}/requests/{RID}/status", f"/queue/{APP}/requests/{RID}"):
+        r = http.get(path)
+        assert r.status_code == 503 and "cannot be reached" in r.json()["detail"], path
+        assert int(r.headers["Retry-After"]) > 0
 
 
 def test_status_answers_202_while_queued_and_200_with_the_error_when_failed(http, service) -> None:

@@ -140,6 +140,33 @@ def test_cancel_answers_for_queued_running_ended_and_unknown_requests(tmp_path) 
     run(main())
 
 
+def test_a_cancel_acknowledged_past_the_last_step_ends_cancelled(tmp_path) -> None:
+    """CANCELLATION_REQUESTED means CANCELED: also for a request past its last step (being decoded), and a cancel
+    that comes after its outcome was recorded is told it had ended."""
+    async def main():
+        engine = FakeEngine(finish_delay=0.5)
+        app = await started(app_for(tmp_path, engine, max_batch=1, max_batch_images=1))
+        try:
+            rid, _ = await app.service.submit(GenerationRequest(prompt="decoding", **CHEAP))
+
+            async def decoding():
+                item = app.outputs.live.get(rid)
+                return item is not None and item in app.loop.scheduler.finishing and not item.settled
+
+            await until(decoding)
+            assert await app.service.cancel(rid) == "running"
+            found = await until(lambda: _ended(app, rid))
+            assert found.state == CANCELED and app.store.get(rid).result is None
+            assert await app.service.cancel(rid) == "ended"
+            other, _ = await app.service.submit(GenerationRequest(prompt="done", **CHEAP))
+            assert (await until(lambda: _ended(app, other))).state == COMPLETED
+            assert await app.service.cancel(other) == "ended"
+        finally:
+            await app.drain()
+
+    run(main())
+
+
 async def _started(item) -> bool:
     return item.state == "IN_PROGRESS"
 
