@@ -69,7 +69,8 @@ class App:
                                       max_queue=cfg.max_queue)
         self.fal = FalApi(self.service, keys=self.keys, app_ids=cfg.app_ids, public_url=cfg.public_url)
         self.webhooks.payloads["fal"] = self.fal.webhook_payload
-        self.grpc = GrpcServer(PixArtServicer(self.service, self.metrics), keys=self.keys, metrics=self.metrics,
+        self.grpc = GrpcServer(PixArtServicer(self.service, self.metrics, self.keys), keys=self.keys,
+                               metrics=self.metrics,
                                tls=cfg.tls)
         self.http: HttpServer | None = None
         self.metrics_http: HttpServer | None = None

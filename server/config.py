@@ -129,7 +129,9 @@ class ServerConfig:
     api_keys: list[str] = _setting(
         [], "accepted API key (repeatable); PIXART_API_KEYS (comma-separated) adds more. No key configured: no "
         "authentication", flag="--api-key", env_name="PIXART_API_KEYS")
-    api_keys_file: str | None = _setting(None, "file of API keys, one a line")
+    api_keys_file: str | None = _setting(
+        None, "file of API keys, one a line: KEY, NAME KEY or NAME sha256:HEX; the name is the tenant that logs, "
+        "metrics and fair turns use")
     tls_cert: str | None = _setting(None, "PEM certificate chain; with --tls-key enables TLS")
     tls_key: str | None = _setting(None, "PEM private key")
     grace_s: float = _setting(30.0, "seconds running work may take to finish after SIGTERM", flag="--grace")

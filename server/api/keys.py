@@ -1,25 +1,63 @@
 """API keys: `Authorization: Key <key>` (an HTTP header, or gRPC metadata), checked in one place for every port.
 
-Keys are compared with hmac.compare_digest against every configured key (no early exit), so timing says nothing
-about how much of a key was right. Keys are never logged. No key configured: no authentication.
+Each key has a name, which is what logs, metrics and the store record of a request (its tenant), never the key. Only
+a key's SHA-256 is kept; a presented key is hashed and compared with hmac.compare_digest against every configured
+digest (no early exit, equal lengths), so timing says nothing about how much of a key was right. No key configured:
+no authentication, and every request has the empty tenant.
+
+A keys file has one key a line (`#` starts a comment): `KEY` (named `key-` and the first 8 hex digits of its
+SHA-256), `NAME KEY`, or `NAME sha256:HEX` (the key's SHA-256, so that the file need not hold the key). Several keys
+may share a name: one tenant, keys rotated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 
-def load_keys(keys: Iterable[str] = (), keys_file: str | None = None, env: str = "") -> list[str]:
-    """Keys from flags, a file (one a line, # comments) and an env value (comma-separated), de-duplicated."""
-    out: list[str] = [k.strip() for k in keys if k.strip()]
+
+@dataclass(frozen=True)
+class Key:
+    name: str  # the tenant: what logs, metrics and the store name, never the key
+    digest: bytes  # SHA-256 of the key
+
+    @classmethod
+    def plain(cls, key: str, name: str | None = None) -> Key:
+        digest = hashlib.sha256(key.encode()).digest()
+        return cls(name or f"key-{digest.hex()[:8]}", digest)
+
+
+def parse_key_line(line: str, where: str) -> Key | None:
+    """One line of a keys file (None for a blank or comment line); ValueError naming `where`, never the key."""
+    fields = line.split("#", 1)[0].split()
+    if not fields:
+        return None
+    if len(fields) == 1:
+        return Key.plain(fields[0])
+    if len(fields) != 2 or not NAME.fullmatch(fields[0]):
+        raise ValueError(f"{where}: expected KEY, NAME KEY or NAME sha256:HEX (a name of letters, digits, _ . -, "
+                         "at most 64)")
+    name, secret = fields
+    hashed = DIGEST.fullmatch(secret)
+    return Key(name, bytes.fromhex(hashed.group(1))) if hashed else Key.plain(secret, name)
+
+
+def load_keys(keys: Iterable[str] = (), keys_file: str | None = None, env: str = "") -> list[Key]:
+    """Keys from flags, a file (see the module docstring) and an env value (comma-separated), de-duplicated."""
+    out = [Key.plain(k.strip()) for k in keys if k.strip()]
     if keys_file:
-        for line in Path(keys_file).read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                out.append(line)
-    out += [k.strip() for k in env.split(",") if k.strip()]
+        for number, line in enumerate(Path(keys_file).read_text().splitlines(), 1):
+            key = parse_key_line(line, f"{keys_file}:{number}")
+            if key is not None:
+                out.append(key)
+    out += [Key.plain(k.strip()) for k in env.split(",") if k.strip()]
     return list(dict.fromkeys(out))
 
 
@@ -31,21 +69,31 @@ def presented_key(authorization: str) -> str:
 
 
 class ApiKeys:
-    def __init__(self, keys: Iterable[str] = ()):
-        self._keys = [key.encode() for key in keys]
+    def __init__(self, keys: Iterable[str | Key] = ()):
+        self._keys = [key if isinstance(key, Key) else Key.plain(key) for key in keys]
 
     @property
     def required(self) -> bool:
         return bool(self._keys)
 
+    def name_of(self, authorization: str) -> str | None:
+        """The name of the configured key presented, or None."""
+        presented = presented_key(authorization)
+        digest = hashlib.sha256(presented.encode()).digest()
+        found = None
+        for key in self._keys:
+            if hmac.compare_digest(digest, key.digest) and found is None:
+                found = key.name
+        return found if presented else None
+
     def proves(self, authorization: str) -> bool:
         """A configured key was presented (what opens a result without a signature)."""
-        presented = presented_key(authorization).encode()
-        ok = False
-        for key in self._keys:
-            ok |= hmac.compare_digest(presented, key)
-        return ok and bool(presented)
+        return self.name_of(authorization) is not None
 
     def allows(self, authorization: str) -> bool:
         """The call may go on: no key is required, or a configured one was presented."""
         return not self.required or self.proves(authorization)
+
+    def tenant(self, authorization: str) -> str:
+        """Who a call is from: the presented key's name ("" when no keys are configured, or none matched)."""
+        return self.name_of(authorization) or ""

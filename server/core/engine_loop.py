@@ -127,7 +127,7 @@ class EngineLoop:
         item.group = self.engine.binned_size(item.request)
         with self._cond:
             position = self.scheduler.add(item, force=force)
-            waiting = tuple(self.scheduler.waiting)
+            waiting = tuple(self.scheduler.queue)
             self._cond.notify_all()
         self.report(Queue(waiting))
         return position
@@ -136,7 +136,7 @@ class EngineLoop:
         """"queued" (out of the queue: the caller settles it), "running" (it leaves at the next step) or None."""
         with self._cond:
             outcome = self.scheduler.cancel(item)
-            waiting = tuple(self.scheduler.waiting)
+            waiting = tuple(self.scheduler.queue)
             self._cond.notify_all()
         if outcome == "queued":
             self.report(Queue(waiting))
@@ -203,7 +203,7 @@ class EngineLoop:
         if plan.admitted:
             self.report(Started(tuple(plan.admitted)))
             with self._cond:
-                self.report(Queue(tuple(self.scheduler.waiting)))
+                self.report(Queue(tuple(self.scheduler.queue)))
         output = self.execute(plan)
         with self._cond:
             done = self.scheduler.update_from_output(output)

@@ -35,6 +35,10 @@ log = logging.getLogger("pixart.server")
 RECORD_RETRY_S = (0.5, 10.0)  # first and longest wait between attempts to record an outcome while the store is away
 
 
+def tenant_label(item: WorkItem) -> str:
+    return item.tenant or "anonymous"
+
+
 class Webhooks(Protocol):
     def schedule(self, request_id: str) -> None: ...
 
@@ -110,6 +114,7 @@ class Outputs:
     def _started(self, items: tuple[WorkItem, ...]) -> None:
         for item in items:
             self.metrics.queue_seconds.observe(item.queue_s)
+            self.metrics.tenant_queue_seconds.labels(tenant_label(item)).observe(item.queue_s)
             self.add_log(item, "started")
             if item.durable:
                 self._marking[item.id] = self.spawn(self._mark_running(item))
@@ -151,6 +156,9 @@ class Outputs:
                 outcome = Cancelled("cancelled before its result was recorded")
                 self.add_log(item, "canceled: the cancel arrived before the result was recorded")
         self._count(state, outcome)
+        self.metrics.tenant_outcomes.labels(tenant_label(item), state).inc()
+        if isinstance(outcome, GenerationResult):
+            self.metrics.tenant_images.labels(tenant_label(item)).inc(len(outcome.images))
         item.state = state
         self._end(item, outcome)
         if recorded is not None:

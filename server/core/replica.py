@@ -82,7 +82,7 @@ class Replica:
         """Queue a claimed request here: a cancelled one ends, one the engine now refuses fails visibly."""
         request = records.request_from_proto(pb.GenerateRequest.FromString(row.request))
         item = WorkItem(request, durable=True, request_bytes=row.request, webhook_url=row.webhook_url,
-                        origin=row.origin, id=row.id, claim=row.attempt)
+                        origin=row.origin, id=row.id, claim=row.attempt, tenant=row.tenant)
         self.outputs.track(item)
         # outcomes are recorded on their own task: a store that goes away meanwhile (and is waited out) must not
         # hold the claim loop, its renewals, or a Submit that asked it to claim

@@ -5,10 +5,11 @@ store or a clock of its own (the caller passes `now`), so its policy is tested w
 
   1. stops rows that must leave: cancelled, past their deadline, or every running row once a shutdown aborts them
      (and waiting requests whose deadline passed);
-  2. admits waiting requests, oldest first, into the running group of their latent size (one group per size bin),
-     while the group has room (`max_batch` requests, `max_batch_images` images) and the memory budget
-     (`max_running_images` across groups, rows being decoded included) allows; nobody overtakes the oldest waiting
-     request once the budget is spent, but a request of another size may go ahead of one whose group is full;
+  2. admits waiting requests into the running group of their latent size (one group per size bin), in fair
+     order (tenants take turns, each tenant's requests oldest first: `fair_order`), while the group has room
+     (`max_batch` requests, `max_batch_images` images) and the memory budget (`max_running_images` across groups,
+     rows being decoded included) allows; nobody overtakes the next in that order once the budget is spent, but a
+     request of another size may go ahead of one whose group is full;
   3. picks the group whose turn it is to step (groups take turns in the order they started).
 
 So a request that arrives while a batch runs starts at the next step, and a 4-step request leaves after 4 steps
@@ -21,7 +22,8 @@ budget until `finished` is called for them.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import itertools
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from server.storage.states import State
@@ -66,6 +68,16 @@ class ExecutionOutput:
     done: list[WorkItem] = field(default_factory=list)
 
 
+def fair_order(items: Sequence[WorkItem]) -> list[WorkItem]:
+    """Waiting requests in the order they are served: tenants take turns (round robin, in the order of their oldest
+    waiting request), each tenant's own oldest first. One tenant's burst of 60 does not make another tenant's single
+    request wait behind all of them; with one tenant it is arrival order."""
+    queues: dict[str, list[WorkItem]] = {}
+    for item in items:
+        queues.setdefault(item.tenant, []).append(item)
+    return [item for turn in itertools.zip_longest(*queues.values()) for item in turn if item is not None]
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
@@ -86,11 +98,16 @@ class Scheduler:
             if len(self.waiting) >= self.config.max_queue:
                 raise QueueFull()
         self.waiting.append(item)
-        return len(self.waiting) - 1
+        return self.queue.index(item)
+
+    @property
+    def queue(self) -> list[WorkItem]:
+        """The waiting requests in the order they will be served (fair_order)."""
+        return fair_order(self.waiting)
 
     def position(self, item: WorkItem) -> int | None:
         try:
-            return self.waiting.index(item)
+            return self.queue.index(item)
         except ValueError:
             return None
 
@@ -182,7 +199,7 @@ class Scheduler:
         if self.config.continuous:
             chosen = self._continuous_admissions()
         elif not self.groups and self._batch_ready(now):
-            chosen = self._companions(self.waiting[0])
+            chosen = self._companions(self.queue[0])
         else:
             chosen = []
         for item in chosen:
@@ -197,7 +214,7 @@ class Scheduler:
         in_flight = sum(item.images for item in self.running)
         sizes = {key: (len(rows), sum(i.images for i in rows)) for key, rows in self.groups.items()}
         chosen = []
-        for item in self.waiting:
+        for item in self.queue:
             count, images = sizes.get(item.group, (0, 0))
             if in_flight and in_flight + item.images > cfg.image_budget:
                 break  # the memory budget is spent: nobody overtakes the oldest waiting request
@@ -212,13 +229,13 @@ class Scheduler:
         """Request-level batching: the oldest request's batch is full, or it has waited long enough."""
         if not self.waiting:
             return False
-        head = self.waiting[0]
+        head = self.queue[0]
         return (len(self._companions(head)) >= self.config.max_batch
                 or now >= head.enqueued + self.config.max_wait_s or not self.accepting)
 
     def _companions(self, head: WorkItem) -> list[WorkItem]:
         batch, images = [head], head.images
-        for item in self.waiting[1:]:
+        for item in self.queue[1:]:
             if len(batch) >= self.config.max_batch:
                 break
             if item.group == head.group and images + item.images <= self.config.max_batch_images:

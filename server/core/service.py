@@ -69,10 +69,10 @@ class Requests(Protocol):
     def violations(self, request: GenerationRequest, webhook_url: str = "") -> list[tuple[str, str]]: ...
 
     async def submit(self, request: GenerationRequest, *, webhook_url: str = "", origin: str = "grpc",
-                     request_bytes: bytes | None = None) -> tuple[str, int]: ...
+                     request_bytes: bytes | None = None, tenant: str = "") -> tuple[str, int]: ...
 
     async def start(self, request: GenerationRequest, *, deadline: float | None = None,
-                    method: str = "Generate") -> Call: ...
+                    method: str = "Generate", tenant: str = "") -> Call: ...
 
     async def lookup(self, request_id: str) -> Lookup | None: ...
 
@@ -163,9 +163,10 @@ class RequestService:
 
     # -- the durable queue -----------------------------------------------------------------------------------
     async def submit(self, request: GenerationRequest, *, webhook_url: str = "", origin: str = "grpc",
-                     request_bytes: bytes | None = None) -> tuple[str, int]:
+                     request_bytes: bytes | None = None, tenant: str = "") -> tuple[str, int]:
         """Store a request in the shared queue; (id, queue position). The row is committed before the id is
-        returned; this replica then claims work at once if it has room (whichever replica has room runs it)."""
+        returned; this replica then claims work at once if it has room (whichever replica has room runs it).
+        `tenant`: the name of the key that sent it (claims and admission take turns between tenants)."""
         self.check(request, webhook_url)
         data = request_bytes or records.request_to_proto(request).SerializeToString()
         request_id = new_request_id()
@@ -173,10 +174,10 @@ class RequestService:
         def add() -> None:
             if self.store.queued() >= self.max_queue:
                 raise QueueFull()
-            self.store.add(request_id, data, webhook_url, origin)
+            self.store.add(request_id, data, webhook_url, origin, tenant)
 
         await asyncio.to_thread(add)
-        log.info("accepted", extra={"request_id": request_id, "origin": origin})
+        log.info("accepted", extra={"request_id": request_id, "origin": origin, "tenant": tenant})
         try:  # committed: from here on the answer is the id, whatever the store does next
             await self.replica.claim()
             item = self.outputs.live.get(request_id)
@@ -189,10 +190,10 @@ class RequestService:
 
     # -- calls that wait -------------------------------------------------------------------------------------
     async def start(self, request: GenerationRequest, *, deadline: float | None = None,
-                    method: str = "Generate") -> Call:
+                    method: str = "Generate", tenant: str = "") -> Call:
         """Queue a request to run here while its caller waits (not stored unless its images need URLs)."""
         self.check(request)
-        item = WorkItem(request, deadline=deadline)
+        item = WorkItem(request, deadline=deadline, tenant=tenant)
         self.outputs.track(item)
         updates = self.outputs.watch(item)
         try:
@@ -200,7 +201,7 @@ class RequestService:
         except (QueueFull, Draining):
             self.outputs.untrack(item)
             raise
-        log.info("accepted", extra={"request_id": item.id, "method": method})
+        log.info("accepted", extra={"request_id": item.id, "method": method, "tenant": tenant})
         return Call(self, item, updates, position)
 
     def abandon(self, item: WorkItem) -> None:

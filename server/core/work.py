@@ -58,6 +58,7 @@ class WorkItem:
     started: float | None = None
     cancel_requested: bool = False
     settled: bool = False  # its outcome is decided (finishing): a cancel can no longer change it
+    tenant: str = ""  # who submitted it (an API key's name): admission takes turns between tenants
     progress: tuple[int, int] = (0, 0)
     logs: list[dict] = field(default_factory=list)
     outcome: GenerationResult | BaseException | None = None

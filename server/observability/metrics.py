@@ -33,6 +33,12 @@ class Metrics:
         self.row_steps = Counter("pixart_row_steps", "Transformer row-steps of completed requests: computed by the "
                                  "model, or taken from the step cache", ["kind"], registry=r)
         self.outcomes = Counter("pixart_request_outcomes", "Requests ended, by final state", ["state"], registry=r)
+        # per tenant (an API key's name; "anonymous" without keys): the names are configured, so the series are few
+        self.tenant_outcomes = Counter("pixart_tenant_requests", "Requests ended, by tenant and final state",
+                                       ["tenant", "state"], registry=r)
+        self.tenant_images = Counter("pixart_tenant_images", "Images generated, by tenant", ["tenant"], registry=r)
+        self.tenant_queue_seconds = Histogram("pixart_tenant_queue_seconds", "Time from acceptance to the start of "
+                                              "work, by tenant", ["tenant"], buckets=_TIME_BUCKETS, registry=r)
         self.result_write_failures = Counter(
             "pixart_result_write_failures", "Requests whose images could not be stored (results folder or object "
             "store): each ended FAILED", registry=r)

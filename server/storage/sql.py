@@ -37,7 +37,7 @@ from .results import Results
 from .states import CANCELED, IN_PROGRESS, IN_QUEUE, TERMINAL
 
 _COLUMNS = ("id, state, durable, request, webhook_url, webhook_done, created, started, finished, error, result, logs, "
-            "cancel_requested, origin, owner, attempt, progress_step, progress_total, seq")
+            "cancel_requested, origin, owner, attempt, progress_step, progress_total, seq, tenant")
 _ACTIVE = f"state IN ('{IN_QUEUE}', '{IN_PROGRESS}')"
 _ENDED = "state IN ({})".format(", ".join(f"'{s.value}'" for s in TERMINAL))
 
@@ -72,6 +72,7 @@ class Row:
     attempt: int = 0  # how many times it was claimed: the fencing token of the current claim
     progress: tuple[int, int] = (0, 0)  # (step, total steps), as its runner last reported
     seq: int = 0
+    tenant: str = ""  # the name of the API key that submitted it ("" without keys)
 
 
 
@@ -117,12 +118,13 @@ class SqlStore:
         process owns forgets the claims left in it, which belonged to a process that is gone."""
 
     # -- submitting and looking ------------------------------------------------------------------------------
-    def add(self, request_id: str, request: bytes, webhook_url: str = "", origin: str = "grpc") -> None:
+    def add(self, request_id: str, request: bytes, webhook_url: str = "", origin: str = "grpc",
+            tenant: str = "") -> None:
         """Record an accepted Submit (committed before returning)."""
         self._update(
-            "INSERT INTO requests (id, state, durable, request, webhook_url, created, origin) "
-            "VALUES (?, ?, 1, ?, ?, ?, ?)",
-            (request_id, IN_QUEUE, request, webhook_url, time.time(), origin),
+            "INSERT INTO requests (id, state, durable, request, webhook_url, created, origin, tenant) "
+            "VALUES (?, ?, 1, ?, ?, ?, ?, ?)",
+            (request_id, IN_QUEUE, request, webhook_url, time.time(), origin, tenant),
         )
 
     def delete(self, request_id: str) -> None:
@@ -154,15 +156,18 @@ class SqlStore:
 
     # -- claims ---------------------------------------------------------------------------------------------
     def claim(self, owner: str, limit: int, lease_s: float, now: float | None = None) -> list[Row]:
-        """Take up to `limit` of the oldest durable requests nobody holds (never claimed, handed back, or whose
-        holder's lease ran out), oldest first. Rows another replica is claiming right now are skipped."""
+        """Take up to `limit` of the durable requests nobody holds (never claimed, handed back, or whose holder's
+        lease ran out): tenants take turns, each tenant's oldest first, so that one tenant's burst does not fill
+        every replica ahead of another tenant's request. Rows another replica is claiming right now are skipped."""
         if limit <= 0:
             return []
         now = time.time() if now is None else now
         with self._tx() as cur:
             cur.execute(self._sql(
-                f"SELECT seq FROM requests WHERE {_ACTIVE} AND durable = 1 "
-                "AND (owner IS NULL OR lease_until < ?) ORDER BY seq LIMIT ?" + self._skip_locked), (now, limit))
+                "SELECT seq FROM requests WHERE seq IN (SELECT seq FROM (SELECT seq, ROW_NUMBER() OVER "
+                f"(PARTITION BY tenant ORDER BY seq) AS turn FROM requests WHERE {_ACTIVE} AND durable = 1 "
+                "AND (owner IS NULL OR lease_until < ?)) AS candidates ORDER BY turn, seq LIMIT ?) ORDER BY seq"
+                + self._skip_locked), (now, limit))
             seqs = [r[0] for r in cur.fetchall()]
             if not seqs:
                 return []
@@ -296,4 +301,5 @@ def _row(r: tuple) -> Row:
         created=r[6], started=r[7], finished=r[8], error=None if r[9] is None else bytes(r[9]),
         result=None if r[10] is None else bytes(r[10]), logs=json.loads(r[11] or "[]"),
         cancel_requested=bool(r[12]), origin=r[13], owner=r[14], attempt=r[15], progress=(r[16], r[17]), seq=r[18],
+        tenant=r[19],
     )

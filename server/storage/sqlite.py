@@ -46,6 +46,7 @@ _SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE requests ADD COLUMN webhook_owner TEXT",
         "ALTER TABLE requests ADD COLUMN webhook_lease REAL",
     ),
+    ("ALTER TABLE requests ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",),  # who submitted it: claims take turns
 )
 
 

@@ -23,6 +23,7 @@ from google.rpc import status_pb2
 from engine.request import GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
 from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
+from server.api.keys import ApiKeys
 from server.core import records
 from server.core.service import Requests
 from server.core.work import Done, Logged, Queued, QueueFull, Stepped, Unavailable
@@ -93,8 +94,13 @@ def _observed(fn: Callable) -> Callable:
 
 
 class PixArtServicer(pb_grpc.PixArtServicer):
-    def __init__(self, service: Requests, metrics: Metrics):
-        self.service, self.metrics = service, metrics
+    def __init__(self, service: Requests, metrics: Metrics, keys: ApiKeys | None = None):
+        """`keys`: who a call is from (its tenant); the interceptor has already refused calls without a key."""
+        self.service, self.metrics, self.keys = service, metrics, keys or ApiKeys()
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        metadata = dict(context.invocation_metadata() or ())
+        return self.keys.tenant(metadata.get("authorization", ""))
 
     # -- translation of refusals -----------------------------------------------------------------------------
     async def _refused(self, exc: Exception, context: grpc.aio.ServicerContext) -> None:
@@ -120,7 +126,8 @@ class PixArtServicer(pb_grpc.PixArtServicer):
 
     async def _start(self, request: GenerationRequest, context: grpc.aio.ServicerContext, method: str) -> Any:
         try:
-            return await self.service.start(request, deadline=self._deadline(context), method=method)
+            return await self.service.start(request, deadline=self._deadline(context), method=method,
+                                            tenant=self._tenant(context))
         except (InvalidRequest, QueueFull, Unavailable) as exc:
             await self._refused(exc, context)
 
@@ -173,7 +180,7 @@ class PixArtServicer(pb_grpc.PixArtServicer):
         try:
             rid, position = await self.service.submit(
                 records.request_from_proto(request.request), webhook_url=request.webhook_url,
-                request_bytes=request.request.SerializeToString())
+                request_bytes=request.request.SerializeToString(), tenant=self._tenant(context))
         except (InvalidRequest, QueueFull, Unavailable) as exc:
             await self._refused(exc, context)
         return pb.SubmitResponse(request_id=rid, queue_position=position)

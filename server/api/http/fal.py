@@ -41,7 +41,7 @@ from server.api.limits import MAX_REQUEST_BYTES, RETRY_AFTER_S
 from server.core import records
 from server.core.service import Lookup, Requests
 from server.core.work import QueueFull, Unavailable
-from server.storage import CANCELED, COMPLETED, IN_PROGRESS, IN_QUEUE, Row, is_request_id
+from server.storage import CANCELED, COMPLETED, IN_PROGRESS, IN_QUEUE, Row, StoreUnavailable, is_request_id
 
 DEFAULT_APP_ID = "fal-ai/pixart-sigma"
 QUEUE_HOST, RUN_HOST = "queue.fal.run", "fal.run"
@@ -133,6 +133,9 @@ class FalApi:
         if (why := self.service.unavailable()) is not None:
             return _unavailable(str(why))
         return None
+
+    def _tenant(self, request: Request) -> str:
+        return self.keys.tenant(request.headers.get("authorization", ""))
 
     @staticmethod
     def _answer(body: Any, status: int = 200, request_id: str = "") -> JSONResponse:
@@ -226,7 +229,8 @@ class FalApi:
         if invalid is not None:
             return invalid
         try:
-            rid, position = await self.service.submit(generation, webhook_url=webhook, origin="fal")
+            rid, position = await self.service.submit(generation, webhook_url=webhook, origin="fal",
+                                                      tenant=self._tenant(request))
         except InvalidRequest as exc:
             return self._invalid(exc.violations)
         except QueueFull:
@@ -265,7 +269,14 @@ class FalApi:
         async def events():
             sent_logs, last, last_sent = 0, None, time.monotonic()
             while True:
-                found = await self.service.lookup(rid)
+                try:
+                    found = await self.service.lookup(rid)
+                except StoreUnavailable:  # the store is away for a while: the stream waits it out, kept alive
+                    if time.monotonic() - last_sent >= KEEPALIVE_S:
+                        last_sent = time.monotonic()
+                        yield ": keepalive\n\n"
+                    await asyncio.sleep(1.0)
+                    continue
                 if found is None:
                     return
                 body, _ = self.status_json(request, app_id, found, with_logs)
@@ -312,7 +323,7 @@ class FalApi:
         if invalid is not None:
             return invalid
         try:
-            call = await self.service.start(generation, method="run")
+            call = await self.service.start(generation, method="run", tenant=self._tenant(request))
         except InvalidRequest as exc:
             return self._invalid(exc.violations)
         except QueueFull:

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -27,7 +28,16 @@ from protos.pixart.v1 import pixart_pb2 as pb
 from server.api.grpc import guard
 from server.client import Client, PixArtError
 from server.webhooks import Delivery, WebhookPolicy, WebhookSender, verify
-from tests.support.servers import ServerProcess, ServerThread, config, health, shared_engine, wait_for
+from tests.support.servers import (
+    ServerProcess,
+    ServerThread,
+    config,
+    health,
+    metric,
+    metrics_text,
+    shared_engine,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -464,3 +474,33 @@ def fuzzed(tmp_path_factory):
 @given(method=st.sampled_from(sorted(METHODS)), data=st.one_of(st.binary(max_size=48), mutated()))
 def test_any_bytes_on_any_rpc_end_in_a_documented_code(fuzzed, method, data) -> None:
     assert raw_call(fuzzed, method, data, timeout=1.0) in DOCUMENTED
+
+
+def test_named_keys_record_each_requests_tenant_never_the_key(tmp_path) -> None:
+    """Two teams' keys from a keys file: what each submits (gRPC and fal) is recorded under its key's name, the
+    per-tenant metrics count it, and neither the store nor the logs hold a key."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice alice-secret-1\nbob bob-secret-1\n")
+    srv = ServerThread(config(tmp_path / "store", api_keys_file=str(keys)))
+    try:
+        with Client(srv.address, key="alice-secret-1", timeout=120) as c:
+            mine = c.submit("alice's", num_inference_steps=2, image_size=(256, 256))
+            wait_for(lambda: c.status(mine).state == pb.COMPLETED)
+        body = json.dumps({"prompt": "bob's", "num_inference_steps": 2}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{srv.http_port}/queue/fal-ai/pixart-sigma", data=body,
+                                         headers={"Authorization": "Key bob-secret-1",
+                                                  "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            theirs = json.loads(resp.read())["request_id"]
+        with Client(srv.address, key="bob-secret-1", timeout=120) as c:
+            wait_for(lambda: c.status(theirs).state == pb.COMPLETED)
+        store = srv.app.store
+        assert (store.get(mine).tenant, store.get(theirs).tenant) == ("alice", "bob")
+        text = metrics_text(srv.http_port, "alice-secret-1")
+        assert metric(text, "pixart_tenant_requests_total", tenant="alice", state="COMPLETED") == 1
+        assert metric(text, "pixart_tenant_requests_total", tenant="bob", state="COMPLETED") == 1
+        assert "secret" not in text
+    finally:
+        srv.close()
+    database = (tmp_path / "store" / "requests.sqlite3").read_bytes()
+    assert b"alice-secret-1" not in database and b"bob-secret-1" not in database

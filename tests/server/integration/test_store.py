@@ -54,6 +54,18 @@ def test_claims_take_the_oldest_and_never_the_same_row_twice(store) -> None:
     assert store.claim("c", 10, lease_s=60) == []
 
 
+def test_claims_take_turns_between_tenants_and_keep_who_submitted(store) -> None:
+    burst = [new_request_id() for _ in range(5)]
+    for rid in burst:
+        store.add(rid, REQUEST, tenant="alice")
+    lone = new_request_id()
+    store.add(lone, REQUEST, tenant="bob")
+    first = store.claim("a", 2, lease_s=60)
+    assert [r.id for r in first] == [burst[0], lone]  # bob's one request does not wait behind alice's five
+    assert [r.tenant for r in first] == ["alice", "bob"] and store.get(lone).tenant == "bob"
+    assert [r.id for r in store.claim("a", 10, lease_s=60)] == burst[1:]
+
+
 def test_concurrent_claimers_split_the_queue(store) -> None:
     ids = _submit(store, 40)
     got: dict[str, list[str]] = {}

@@ -3,6 +3,7 @@ core does behind it. (fal's own clients against a real server: tests/acceptance/
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class FakeRequests:
         hook = [("webhook_url", "must not point at a private address")] if webhook_url.startswith("http://10.") else []
         return hook + request.violations()
 
-    async def submit(self, request, *, webhook_url="", origin="grpc", request_bytes=None):
+    async def submit(self, request, *, webhook_url="", origin="grpc", request_bytes=None, tenant=""):
         if violations := self.violations(request, webhook_url):
             raise InvalidRequest(violations)
         if self.full:
@@ -124,6 +125,21 @@ def test_a_store_that_cannot_be_reached_answers_503_with_retry_after(http, servi
         assert int(r.headers["Retry-After"]) > 0
 
 
+def test_a_status_stream_waits_out_a_store_that_goes_away(http, service, monkeypatch) -> None:
+    answers = [Lookup(RID, IN_QUEUE, queue_position=1), StoreUnavailable("away"), Lookup(RID, COMPLETED)]
+
+    async def lookup(request_id):
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(service, "lookup", lookup)
+    with http.stream("GET", f"/queue/{APP}/requests/{RID}/status/stream") as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and [e["status"] for e in events] == ["COMPLETED"]
+
+
 def test_status_answers_202_while_queued_and_200_with_the_error_when_failed(http, service) -> None:
     service.found[RID] = Lookup(RID, IN_QUEUE, queue_position=2)
     r = http.get(f"/queue/{APP}/requests/{RID}/status")
@@ -190,3 +206,24 @@ def test_api_keys() -> None:
     assert keys.allows("Key beta") and keys.proves("Key alpha")
     assert not any(keys.allows(h) for h in ("", "Key ", "Key alph", "Bearer alpha", "key alpha"))
     assert ApiKeys().allows("") and not ApiKeys().proves("Key anything")
+
+
+def test_named_keys_from_a_file_give_each_call_its_tenant(tmp_path) -> None:
+    import hashlib
+
+    from server.api.keys import load_keys
+
+    digest = hashlib.sha256(b"carol-key").hexdigest()
+    path = tmp_path / "keys"
+    path.write_text(f"# team keys\nalice alice-key-1\nalice alice-key-2  # rotated\ncarol sha256:{digest}\n"
+                    "plainkey\n")
+    keys = ApiKeys(load_keys(["flag-key"], str(path)))
+    assert [keys.tenant(f"Key {k}") for k in ("alice-key-1", "alice-key-2", "carol-key")] == ["alice"] * 2 + ["carol"]
+    assert keys.tenant("Key plainkey") == "key-" + hashlib.sha256(b"plainkey").hexdigest()[:8]
+    assert keys.allows("Key flag-key") and not keys.allows(f"Key sha256:{digest}")  # the hash is not the key
+    assert keys.tenant("Key nobody") == "" and ApiKeys().tenant("Key anyone") == ""
+    assert not keys.allows("Key ²é☃" * 10)  # any bytes are hashed: nothing raises on a non-ASCII key
+    path.write_text("alice bob key-with-three-fields\n")
+    with pytest.raises(ValueError, match=r"keys:1: expected KEY, NAME KEY") as bad:
+        load_keys(keys_file=str(path))
+    assert "key-with-three-fields" not in str(bad.value)

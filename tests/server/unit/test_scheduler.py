@@ -18,9 +18,9 @@ SQUARE, WIDE = (256, 256), (256, 512)
 
 
 def item(name: str, *, images: int = 1, steps: int = 2, group=SQUARE, enqueued: float = 0.0,
-         deadline: float | None = None) -> WorkItem:
+         deadline: float | None = None, tenant: str = "") -> WorkItem:
     request = GenerationRequest(prompt=name, num_images=images, num_inference_steps=steps)
-    return WorkItem(request, id=name, group=group, enqueued=enqueued, deadline=deadline)
+    return WorkItem(request, id=name, group=group, enqueued=enqueued, deadline=deadline, tenant=tenant)
 
 
 def scheduler(**kw) -> Scheduler:
@@ -179,3 +179,22 @@ def test_request_level_batching_starts_alone_after_the_wait() -> None:
     s.add(item("alone", enqueued=0.0))
     assert run(s, now=0.4)[0] == []
     assert run(s, now=0.6)[0] == ["alone"]
+
+
+def test_tenants_take_turns_so_one_burst_does_not_starve_another_tenant() -> None:
+    s = scheduler(max_queue=100, max_batch=2, max_batch_images=2)
+    for n in range(60):
+        s.add(item(f"a{n}", tenant="alice"))
+    late = item("b0", tenant="bob")
+    assert s.add(late) == 1  # served second, not 61st
+    assert [i.id for i in s.queue[:4]] == ["a0", "b0", "a1", "a2"]
+    admitted, _, _ = run(s)
+    assert admitted == ["a0", "b0"]
+    assert s.position(s.queue[0]) == 0 and s.queue[0].id == "a1"
+
+
+def test_with_one_tenant_the_queue_is_arrival_order() -> None:
+    s = scheduler(max_queue=10)
+    for n in range(5):
+        s.add(item(f"r{n}"))
+    assert [i.id for i in s.queue] == [f"r{n}" for n in range(5)] and s.position(s.waiting[3]) == 3
