@@ -66,7 +66,7 @@ class App:
         self.webhooks = WebhookDeliveries(self.store, sender, self.links, replica=self.replica_name)
         self.outputs = Outputs(self.store, replica=self.replica_name, metrics=self.metrics, webhooks=self.webhooks)
         self.service = RequestService(self.store, self.outputs, self.links, self.webhooks, policy, self.metrics,
-                                      max_queue=cfg.max_queue)
+                                      max_queue=cfg.max_queue, limits=self.keys.limits)
         self.fal = FalApi(self.service, keys=self.keys, app_ids=cfg.app_ids, public_url=cfg.public_url)
         self.webhooks.payloads["fal"] = self.fal.webhook_payload
         self.grpc = GrpcServer(PixArtServicer(self.service, self.metrics, self.keys), keys=self.keys,

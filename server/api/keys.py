@@ -6,8 +6,10 @@ digest (no early exit, equal lengths), so timing says nothing about how much of 
 no authentication, and every request has the empty tenant.
 
 A keys file has one key a line (`#` starts a comment): `KEY` (named `key-` and the first 8 hex digits of its
-SHA-256), `NAME KEY`, or `NAME sha256:HEX` (the key's SHA-256, so that the file need not hold the key). Several keys
-may share a name: one tenant, keys rotated.
+SHA-256), `NAME KEY`, or `NAME sha256:HEX` (the key's SHA-256, so that the file need not hold the key), each of the
+named forms optionally followed by limits: `max_active=N` (requests queued or running at once) and `rate=R`
+(requests accepted per second). Several keys may share a name: one tenant, keys rotated (limits are the tenant's;
+the first line that names them wins).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.core.work import Limits
+
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 
@@ -27,6 +31,7 @@ DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 class Key:
     name: str  # the tenant: what logs, metrics and the store name, never the key
     digest: bytes  # SHA-256 of the key
+    limits: Limits = Limits()
 
     @classmethod
     def plain(cls, key: str, name: str | None = None) -> Key:
@@ -41,12 +46,23 @@ def parse_key_line(line: str, where: str) -> Key | None:
         return None
     if len(fields) == 1:
         return Key.plain(fields[0])
-    if len(fields) != 2 or not NAME.fullmatch(fields[0]):
+    if not NAME.fullmatch(fields[0]):
         raise ValueError(f"{where}: expected KEY, NAME KEY or NAME sha256:HEX (a name of letters, digits, _ . -, "
                          "at most 64)")
-    name, secret = fields
+    name, secret, options = fields[0], fields[1], fields[2:]
+    limits = {}
+    for option in options:
+        field, _, value = option.partition("=")
+        kind = {"max_active": int, "rate": float}.get(field)
+        try:
+            limits[field] = kind(value) if kind is not None else None
+        except ValueError:
+            limits[field] = None
+        if limits[field] is None or limits[field] <= 0:
+            raise ValueError(f"{where}: limits are max_active=N and rate=R, positive numbers")
     hashed = DIGEST.fullmatch(secret)
-    return Key(name, bytes.fromhex(hashed.group(1))) if hashed else Key.plain(secret, name)
+    digest = bytes.fromhex(hashed.group(1)) if hashed else Key.plain(secret).digest
+    return Key(name, digest, Limits(**limits))
 
 
 def load_keys(keys: Iterable[str] = (), keys_file: str | None = None, env: str = "") -> list[Key]:
@@ -97,3 +113,7 @@ class ApiKeys:
     def tenant(self, authorization: str) -> str:
         """Who a call is from: the presented key's name ("" when no keys are configured, or none matched)."""
         return self.name_of(authorization) or ""
+
+    def limits(self, tenant: str) -> Limits:
+        """A tenant's limits (none for the empty tenant or unlimited keys)."""
+        return next((key.limits for key in self._keys if key.name == tenant and key.limits != Limits()), Limits())

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,7 +37,7 @@ from .deliveries import WebhookDeliveries
 from .engine_loop import EngineLoop
 from .links import ResultLinks
 from .outputs import Outputs
-from .work import Done, Draining, QueueFull, Unavailable, Update, WorkItem, log_line
+from .work import Done, Draining, Limits, QueueFull, TenantLimit, Unavailable, Update, WorkItem, log_line
 
 log = logging.getLogger("pixart.server")
 LOADING = "the engine is still loading; retry shortly"
@@ -122,9 +123,11 @@ class Call:
 
 class RequestService:
     def __init__(self, store: Store, outputs: Outputs, links: ResultLinks, webhooks: WebhookDeliveries,
-                 policy: WebhookPolicy, metrics: Metrics, *, max_queue: int):
+                 policy: WebhookPolicy, metrics: Metrics, *, max_queue: int,
+                 limits: Callable[[str], Limits] = lambda tenant: Limits()):
+        """`limits`: a tenant's (its key's) limits on requests in flight and per second."""
         self.store, self.outputs, self.links, self.webhooks = store, outputs, links, webhooks
-        self.policy, self.metrics, self.max_queue = policy, metrics, max_queue
+        self.policy, self.metrics, self.max_queue, self.limits = policy, metrics, max_queue, limits
         self.loop: EngineLoop | None = None  # attached once the engine is loaded
         self.replica: Claimer | None = None
         self.draining = False
@@ -171,9 +174,12 @@ class RequestService:
         data = request_bytes or records.request_to_proto(request).SerializeToString()
         request_id = new_request_id()
 
+        calls = self._calls_of(tenant)
+
         def add() -> None:
             if self.store.queued() >= self.max_queue:
                 raise QueueFull()
+            self._check_limits(tenant, calls)
             self.store.add(request_id, data, webhook_url, origin, tenant)
 
         await asyncio.to_thread(add)
@@ -193,6 +199,8 @@ class RequestService:
                     method: str = "Generate", tenant: str = "") -> Call:
         """Queue a request to run here while its caller waits (not stored unless its images need URLs)."""
         self.check(request)
+        if self.limits(tenant) != Limits():  # no store read for an unlimited key
+            await asyncio.to_thread(self._check_limits, tenant, self._calls_of(tenant))
         item = WorkItem(request, deadline=deadline, tenant=tenant)
         self.outputs.track(item)
         updates = self.outputs.watch(item)
@@ -203,6 +211,28 @@ class RequestService:
             raise
         log.info("accepted", extra={"request_id": item.id, "method": method, "tenant": tenant})
         return Call(self, item, updates, position)
+
+    def _calls_of(self, tenant: str) -> list[float]:
+        """When each of the tenant's calls waiting here (not stored) was accepted (on the event loop)."""
+        return [i.enqueued for i in self.outputs.live.values() if i.tenant == tenant and not i.durable]
+
+    def _check_limits(self, tenant: str, calls: list[float]) -> None:
+        """TenantLimit when the tenant's key has as many requests in flight, or accepted within its rate's window,
+        as it may: its durable ones counted in the store (across replicas; checked, then inserted, so replicas
+        racing may let a few more through) and its `calls` waiting here. In a worker thread."""
+        limits = self.limits(tenant)
+        if limits == Limits():
+            return
+        window = max(1.0, 1.0 / limits.rate) if limits.rate else 1.0
+        active, recent = self.store.tenant_load(tenant, time.time() - window)
+        active += len(calls)
+        recent += sum(1 for accepted in calls if accepted >= time.monotonic() - window)
+        if limits.max_active is not None and active >= limits.max_active:
+            raise TenantLimit(f"this key's tenant {tenant!r} has {limits.max_active} requests in flight, its "
+                              "max_active; retry when one ends")
+        if limits.rate is not None and recent >= limits.rate * window:
+            raise TenantLimit(f"this key's tenant {tenant!r} sends more than {limits.rate:g} requests per second, its "
+                              "rate; retry shortly")
 
     def abandon(self, item: WorkItem) -> None:
         if self.loop is not None and self.loop.cancel(item) == "queued":

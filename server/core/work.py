@@ -21,6 +21,18 @@ class QueueFull(Exception):
     """More requests than max_queue are waiting."""
 
 
+@dataclass(frozen=True)
+class Limits:
+    """A tenant's (an API key's) limits; None: unlimited."""
+
+    max_active: int | None = None  # requests queued or running at once
+    rate: float | None = None  # requests accepted per second
+
+
+class TenantLimit(Exception):
+    """A key's own limit (requests in flight, or per second) is reached; the message names it."""
+
+
 class Unavailable(Exception):
     """The server takes no new work now (still loading the engine, or shutting down); the message says which."""
 

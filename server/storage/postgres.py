@@ -55,7 +55,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX requests_webhooks ON requests(seq) WHERE webhook_done = 0 AND webhook_url != ''",
         "CREATE TABLE secrets (name TEXT PRIMARY KEY, value BYTEA NOT NULL)",
     ),
-    ("ALTER TABLE requests ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",),  # who submitted it: claims take turns
+    (  # who submitted it: claims take turns, its key's limits count its requests
+        "ALTER TABLE requests ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX requests_tenant ON requests(tenant, created)",
+    ),
 )
 _LOCK_KEY = 0x70697861  # the advisory lock that serializes migrations ("pixa")
 # While the database is away a call waits this long for a connection, then answers StoreUnavailable: callers hear

@@ -127,6 +127,14 @@ class SqlStore:
             (request_id, IN_QUEUE, request, webhook_url, time.time(), origin, tenant),
         )
 
+    def tenant_load(self, tenant: str, since: float) -> tuple[int, int]:
+        """(durable requests of `tenant` queued or running, and submitted at or after `since`), across every
+        replica sharing this store: what its key's limits are checked against."""
+        (row,) = self._query(f"SELECT COALESCE(SUM(CASE WHEN {_ACTIVE} THEN 1 ELSE 0 END), 0), "
+                             "COALESCE(SUM(CASE WHEN created >= ? THEN 1 ELSE 0 END), 0) FROM requests "
+                             "WHERE tenant = ? AND durable = 1", (since, tenant))
+        return int(row[0]), int(row[1])
+
     def delete(self, request_id: str) -> None:
         self._update("DELETE FROM requests WHERE id = ?", (request_id,))
         self.results.delete(request_id)

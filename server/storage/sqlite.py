@@ -46,7 +46,10 @@ _SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE requests ADD COLUMN webhook_owner TEXT",
         "ALTER TABLE requests ADD COLUMN webhook_lease REAL",
     ),
-    ("ALTER TABLE requests ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",),  # who submitted it: claims take turns
+    (  # who submitted it: claims take turns, its key's limits count its requests
+        "ALTER TABLE requests ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX requests_tenant ON requests(tenant, created)",
+    ),
 )
 
 

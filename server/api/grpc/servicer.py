@@ -26,7 +26,7 @@ from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
 from server.api.keys import ApiKeys
 from server.core import records
 from server.core.service import Requests
-from server.core.work import Done, Logged, Queued, QueueFull, Stepped, Unavailable
+from server.core.work import Done, Logged, Queued, QueueFull, Stepped, TenantLimit, Unavailable
 from server.observability.metrics import Metrics
 from server.storage import COMPLETED, IN_PROGRESS, IN_QUEUE, StoreUnavailable, is_request_id
 
@@ -109,6 +109,8 @@ class PixArtServicer(pb_grpc.PixArtServicer):
         if isinstance(exc, QueueFull):
             await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"the queue is full ({self.service.max_queue} waiting); retry later")
+        if isinstance(exc, TenantLimit):
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
     @staticmethod
@@ -128,7 +130,7 @@ class PixArtServicer(pb_grpc.PixArtServicer):
         try:
             return await self.service.start(request, deadline=self._deadline(context), method=method,
                                             tenant=self._tenant(context))
-        except (InvalidRequest, QueueFull, Unavailable) as exc:
+        except (InvalidRequest, QueueFull, TenantLimit, Unavailable) as exc:
             await self._refused(exc, context)
 
     # -- unary and streaming ---------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ class PixArtServicer(pb_grpc.PixArtServicer):
             rid, position = await self.service.submit(
                 records.request_from_proto(request.request), webhook_url=request.webhook_url,
                 request_bytes=request.request.SerializeToString(), tenant=self._tenant(context))
-        except (InvalidRequest, QueueFull, Unavailable) as exc:
+        except (InvalidRequest, QueueFull, TenantLimit, Unavailable) as exc:
             await self._refused(exc, context)
         return pb.SubmitResponse(request_id=rid, queue_position=position)
 

@@ -40,7 +40,7 @@ from server.api.keys import ApiKeys
 from server.api.limits import MAX_REQUEST_BYTES, RETRY_AFTER_S
 from server.core import records
 from server.core.service import Lookup, Requests
-from server.core.work import QueueFull, Unavailable
+from server.core.work import QueueFull, TenantLimit, Unavailable
 from server.storage import CANCELED, COMPLETED, IN_PROGRESS, IN_QUEUE, Row, StoreUnavailable, is_request_id
 
 DEFAULT_APP_ID = "fal-ai/pixart-sigma"
@@ -98,9 +98,9 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _unavailable(detail: str) -> JSONResponse:
-    """503 for work this server cannot take now, with how long to wait before retrying."""
-    return JSONResponse({"detail": detail}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+def _unavailable(detail: str, status: int = 503) -> JSONResponse:
+    """503 (429: a key's own limit) for work this server cannot take now, with how long to wait before retrying."""
+    return JSONResponse({"detail": detail}, status, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _logs(lines: list[dict]) -> list[dict]:
@@ -233,6 +233,8 @@ class FalApi:
                                                       tenant=self._tenant(request))
         except InvalidRequest as exc:
             return self._invalid(exc.violations)
+        except TenantLimit as exc:
+            return _unavailable(str(exc), 429)
         except QueueFull:
             return _unavailable("the queue is full; retry later")
         except Unavailable as exc:
@@ -326,6 +328,8 @@ class FalApi:
             call = await self.service.start(generation, method="run", tenant=self._tenant(request))
         except InvalidRequest as exc:
             return self._invalid(exc.violations)
+        except TenantLimit as exc:
+            return _unavailable(str(exc), 429)
         except QueueFull:
             return _unavailable("the queue is full; retry later")
         except Unavailable as exc:

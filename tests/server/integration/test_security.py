@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -478,9 +479,10 @@ def test_any_bytes_on_any_rpc_end_in_a_documented_code(fuzzed, method, data) -> 
 
 def test_named_keys_record_each_requests_tenant_never_the_key(tmp_path) -> None:
     """Two teams' keys from a keys file: what each submits (gRPC and fal) is recorded under its key's name, the
-    per-tenant metrics count it, and neither the store nor the logs hold a key."""
+    per-tenant metrics count it, a key's own limit refuses its tenant alone (RESOURCE_EXHAUSTED, fal 429 with
+    Retry-After, naming the limit), and neither the store nor the metrics hold a key."""
     keys = tmp_path / "keys"
-    keys.write_text("alice alice-secret-1\nbob bob-secret-1\n")
+    keys.write_text("alice alice-secret-1\nbob bob-secret-1 max_active=1\n")
     srv = ServerThread(config(tmp_path / "store", api_keys_file=str(keys)))
     try:
         with Client(srv.address, key="alice-secret-1", timeout=120) as c:
@@ -494,6 +496,16 @@ def test_named_keys_record_each_requests_tenant_never_the_key(tmp_path) -> None:
             theirs = json.loads(resp.read())["request_id"]
         with Client(srv.address, key="bob-secret-1", timeout=120) as c:
             wait_for(lambda: c.status(theirs).state == pb.COMPLETED)
+            long = c.submit("bob's long one", num_inference_steps=100, num_images=4, image_size=(256, 256))
+            with pytest.raises(PixArtError) as refused:
+                c.submit("bob's second", num_inference_steps=2, image_size=(256, 256))
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_active" in str(refused.value)
+            with pytest.raises(urllib.error.HTTPError) as limited:
+                urllib.request.urlopen(request, timeout=60)
+            assert limited.value.code == 429 and int(limited.value.headers["Retry-After"]) > 0
+            with Client(srv.address, key="alice-secret-1", timeout=120) as other:  # alice is not limited by bob
+                assert other.submit("alice's second", num_inference_steps=2, image_size=(256, 256))
+            c.cancel(long)
         store = srv.app.store
         assert (store.get(mine).tenant, store.get(theirs).tenant) == ("alice", "bob")
         text = metrics_text(srv.http_port, "alice-secret-1")

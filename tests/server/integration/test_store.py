@@ -64,6 +64,9 @@ def test_claims_take_turns_between_tenants_and_keep_who_submitted(store) -> None
     assert [r.id for r in first] == [burst[0], lone]  # bob's one request does not wait behind alice's five
     assert [r.tenant for r in first] == ["alice", "bob"] and store.get(lone).tenant == "bob"
     assert [r.id for r in store.claim("a", 10, lease_s=60)] == burst[1:]
+    store.finish(burst[1], st.COMPLETED, request=REQUEST, owner="a", attempt=2 - 1)
+    active, recent = store.tenant_load("alice", since=0.0)
+    assert (active, recent) == (4, 5) and store.tenant_load("alice", since=1e12) == (4, 0)
 
 
 def test_concurrent_claimers_split_the_queue(store) -> None:

@@ -224,6 +224,11 @@ def test_named_keys_from_a_file_give_each_call_its_tenant(tmp_path) -> None:
     assert keys.tenant("Key nobody") == "" and ApiKeys().tenant("Key anyone") == ""
     assert not keys.allows("Key ²é☃" * 10)  # any bytes are hashed: nothing raises on a non-ASCII key
     path.write_text("alice bob key-with-three-fields\n")
-    with pytest.raises(ValueError, match=r"keys:1: expected KEY, NAME KEY") as bad:
+    with pytest.raises(ValueError, match=r"keys:1: limits are max_active=N and rate=R") as bad:
         load_keys(keys_file=str(path))
-    assert "key-with-three-fields" not in str(bad.value)
+    assert "key-with-three-fields" not in str(bad.value) and "bob" not in str(bad.value)
+    path.write_text("team-x k1 max_active=2 rate=0.5\nteam-x k2\n")
+    limited = ApiKeys(load_keys(keys_file=str(path)))
+    assert limited.tenant("Key k2") == "team-x" and (limited.limits("team-x").max_active,
+                                                      limited.limits("team-x").rate) == (2, 0.5)
+    assert limited.limits("other") == limited.limits("")  # unlimited

@@ -19,7 +19,7 @@ from engine.request import Cancelled, GenerationRequest, GenerationResult, Inval
 from server.app import App
 from server.config import ServerConfig
 from server.core.service import LOADING
-from server.core.work import Done, Draining, Logged, Queued, QueueFull, Stepped, Unavailable
+from server.core.work import Done, Draining, Logged, Queued, QueueFull, Stepped, TenantLimit, Unavailable
 from server.storage import CANCELED, COMPLETED, IN_QUEUE
 from tests.support.fakes import FakeEngine
 
@@ -161,6 +161,33 @@ def test_a_cancel_acknowledged_past_the_last_step_ends_cancelled(tmp_path) -> No
             other, _ = await app.service.submit(GenerationRequest(prompt="done", **CHEAP))
             assert (await until(lambda: _ended(app, other))).state == COMPLETED
             assert await app.service.cancel(other) == "ended"
+        finally:
+            await app.drain()
+
+    run(main())
+
+
+def test_a_keys_limits_refuse_its_tenant_alone_naming_the_limit(tmp_path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("busy k1 max_active=1\nquick k2 rate=1\nfree k3\n")
+
+    async def main():
+        app = await started(app_for(tmp_path, FakeEngine(step_delay=0.05), api_keys_file=str(keys), max_batch=1))
+        try:
+            long = GenerationRequest(prompt="long", num_inference_steps=100, image_size=(256, 256))
+            rid, _ = await app.service.submit(long, tenant="busy")
+            with pytest.raises(TenantLimit, match="max_active"):
+                await app.service.submit(GenerationRequest(prompt="more", **CHEAP), tenant="busy")
+            with pytest.raises(TenantLimit, match="max_active"):  # calls that wait count too
+                await app.service.start(GenerationRequest(prompt="more", **CHEAP), tenant="busy")
+            await app.service.submit(GenerationRequest(prompt="quick", **CHEAP), tenant="quick")
+            with pytest.raises(TenantLimit, match="per second"):
+                await app.service.submit(GenerationRequest(prompt="again", **CHEAP), tenant="quick")
+            for n in range(3):  # other tenants are not limited by them
+                await app.service.submit(GenerationRequest(prompt=f"free {n}", **CHEAP), tenant="free")
+            assert await app.service.cancel(rid) == "running"
+            await until(lambda: _ended(app, rid))
+            await app.service.submit(GenerationRequest(prompt="now", **CHEAP), tenant="busy")  # room again
         finally:
             await app.drain()
 
