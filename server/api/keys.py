@@ -95,7 +95,7 @@ class ApiKeys:
     def name_of(self, authorization: str) -> str | None:
         """The name of the configured key presented, or None."""
         presented = presented_key(authorization)
-        digest = hashlib.sha256(presented.encode()).digest()
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
         found = None
         for key in self._keys:
             if hmac.compare_digest(digest, key.digest) and found is None:

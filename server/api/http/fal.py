@@ -146,6 +146,15 @@ class FalApi:
     def _invalid(violations: list[tuple[str, str]]) -> JSONResponse:
         return JSONResponse({"detail": _detail(violations)}, 422)
 
+    def _refused(self, exc: Exception) -> JSONResponse:
+        """A request the service refused: 422 naming every bad field, 429 past the key's own limit, 503 (with
+        Retry-After) when the queue is full or the server cannot take work now."""
+        if isinstance(exc, InvalidRequest):
+            return self._invalid(exc.violations)
+        if isinstance(exc, TenantLimit):
+            return _unavailable(str(exc), 429)
+        return _unavailable("the queue is full; retry later" if isinstance(exc, QueueFull) else str(exc))
+
     async def _input(self, request: Request, webhook_url: str = "") -> tuple[GenerationRequest | None,
                                                                                Response | None]:
         """The request a body asks for, or the answer that refuses it: 413 past the size limit, 422 naming every
@@ -231,14 +240,8 @@ class FalApi:
         try:
             rid, position = await self.service.submit(generation, webhook_url=webhook, origin="fal",
                                                       tenant=self._tenant(request))
-        except InvalidRequest as exc:
-            return self._invalid(exc.violations)
-        except TenantLimit as exc:
-            return _unavailable(str(exc), 429)
-        except QueueFull:
-            return _unavailable("the queue is full; retry later")
-        except Unavailable as exc:
-            return _unavailable(str(exc))
+        except (InvalidRequest, TenantLimit, QueueFull, Unavailable) as exc:
+            return self._refused(exc)
         body = {"status": "IN_QUEUE", "request_id": rid, **self._urls(request, app_id, rid),
                 "queue_position": position}
         if webhook:
@@ -326,14 +329,8 @@ class FalApi:
             return invalid
         try:
             call = await self.service.start(generation, method="run", tenant=self._tenant(request))
-        except InvalidRequest as exc:
-            return self._invalid(exc.violations)
-        except TenantLimit as exc:
-            return _unavailable(str(exc), 429)
-        except QueueFull:
-            return _unavailable("the queue is full; retry later")
-        except Unavailable as exc:
-            return _unavailable(str(exc))
+        except (InvalidRequest, TenantLimit, QueueFull, Unavailable) as exc:
+            return self._refused(exc)
         try:
             outcome = await call.outcome()
         except asyncio.CancelledError:  # the caller went away: free the place or the step

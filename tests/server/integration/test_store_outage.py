@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 ACCEPTED = 10
 WORK = dict(num_inference_steps=100, num_images=4, image_size=(256, 256))  # ~1 s each: some run when it stops
 PROMPT_S = 8.0  # "promptly": the deadline these calls get; the pool's checkout timeout (5 s) is well inside it
-DOWN_S = 12.0
+DOWN_S = 10.0
 
 
 @pytest.fixture
