@@ -171,11 +171,13 @@ class SqlStore:
             return []
         now = time.time() if now is None else now
         with self._tx() as cur:
+            # The claimable test is repeated outside the subquery: PostgreSQL re-checks the outer WHERE on a row
+            # another claimer updated before this one could lock it, so a row claimed meanwhile is skipped
+            claimable = f"{_ACTIVE} AND durable = 1 AND (owner IS NULL OR lease_until < ?)"
             cur.execute(self._sql(
-                "SELECT seq FROM requests WHERE seq IN (SELECT seq FROM (SELECT seq, ROW_NUMBER() OVER "
-                f"(PARTITION BY tenant ORDER BY seq) AS turn FROM requests WHERE {_ACTIVE} AND durable = 1 "
-                "AND (owner IS NULL OR lease_until < ?)) AS candidates ORDER BY turn, seq LIMIT ?) ORDER BY seq"
-                + self._skip_locked), (now, limit))
+                f"SELECT seq FROM requests WHERE {claimable} AND seq IN (SELECT seq FROM (SELECT seq, ROW_NUMBER() "
+                f"OVER (PARTITION BY tenant ORDER BY seq) AS turn FROM requests WHERE {claimable}) AS candidates "
+                "ORDER BY turn, seq LIMIT ?) ORDER BY seq" + self._skip_locked), (now, now, limit))
             seqs = [r[0] for r in cur.fetchall()]
             if not seqs:
                 return []

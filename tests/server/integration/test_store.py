@@ -70,7 +70,9 @@ def test_claims_take_turns_between_tenants_and_keep_who_submitted(store) -> None
 
 
 def test_concurrent_claimers_split_the_queue(store) -> None:
-    ids = _submit(store, 40)
+    # enough rows and claimers that claims overlap: a row claimed by one while another's statement had already
+    # picked it as a candidate must be skipped, not claimed twice (PostgreSQL re-checks only the outer WHERE)
+    ids = _submit(store, 240)
     got: dict[str, list[str]] = {}
 
     def claimer(name: str) -> None:
@@ -78,7 +80,7 @@ def test_concurrent_claimers_split_the_queue(store) -> None:
         while rows := store.claim(name, 3, lease_s=60):
             mine.extend(r.id for r in rows)
 
-    threads = [threading.Thread(target=claimer, args=(f"r{i}",)) for i in range(4)]
+    threads = [threading.Thread(target=claimer, args=(f"r{i}",)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
