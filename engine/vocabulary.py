@@ -84,3 +84,8 @@ _RESULT_FILE_NAMES = frozenset(
 def is_result_file_name(name: object) -> bool:
     """Whether `name` is a file name `result_file_name` can make, and nothing else (False for what is not a str)."""
     return isinstance(name, str) and name in _RESULT_FILE_NAMES
+
+
+def result_file_names() -> frozenset[str]:
+    """Every file name `result_file_name` can make (the HTTP port's document lists them)."""
+    return _RESULT_FILE_NAMES

@@ -24,6 +24,7 @@ from typing import Any
 from server.api.grpc.server import GrpcServer
 from server.api.grpc.servicer import PixArtServicer
 from server.api.http.fal import FalApi
+from server.api.http.fal_routes import mount as mount_fal
 from server.api.http.server import HttpServer, build_app
 from server.api.keys import ApiKeys, load_keys
 from server.config import ServerConfig
@@ -94,7 +95,7 @@ class App:
             app = build_app(keys=self.keys, healthy=lambda: self.service.ready, signer=self.signer,
                             result_file=self._servable, render_metrics=None if cfg.metrics_address
                             else self.metrics.render)
-            self.fal.mount(app)
+            mount_fal(self.fal, app)
             tls = cfg.tls or (None, None)
             self.http = HttpServer(app, cfg.host, cfg.http_port, tls_cert=tls[0], tls_key=tls[1])
             await self.http.start()

@@ -25,6 +25,7 @@ import ipaddress
 import json
 import logging
 import random
+import re
 import socket
 import ssl
 import time
@@ -36,6 +37,13 @@ from urllib.parse import urlsplit
 log = logging.getLogger("pixart.server.webhooks")
 
 MAX_URL_CHARS = 2048
+# The URL forms Submit accepts (the HTTP port's document publishes it): http(s), a host name or IPv4 address
+# (IPv6 literals are not accepted: use a name), an optional port, then printable ASCII. The destination policy
+# below then judges the host.
+URL_PATTERN = (r"^https?://[A-Za-z0-9._~%!$&'()*+,;=-]+"
+               r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
+               r"([/?#][\x21-\x7e]*)?$")
+_URL = re.compile(URL_PATTERN)
 FIELD = "webhook_url"
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -116,21 +124,17 @@ class WebhookPolicy:
             return []
         if len(url) > MAX_URL_CHARS:
             return [(FIELD, f"must be at most {MAX_URL_CHARS} characters")]
-        try:
-            parts = urlsplit(url)
-            _ = parts.port  # raises ValueError for a port that is not a number
-            host = parts.hostname or ""
-        except ValueError:
-            host, parts = "", None
-        if parts is None or parts.scheme not in ("http", "https") or not host:
-            return [(FIELD, "must be an absolute http:// or https:// URL")]
         if not url.isascii():
             return [(FIELD, "must be ASCII (punycode for the host, percent-encoding for the path)")]
+        if _URL.fullmatch(url) is None:
+            return [(FIELD, "must be an absolute http:// or https:// URL with a host name or IPv4 address")]
+        host = urlsplit(url).hostname or ""
         if host.rstrip(".") in self.hosts:
             return []
         addr = literal_address(host)
-        refused = (addr is not None and not self.address_allowed(addr)) or (
-            addr is None and (host.rstrip(".") == "localhost" or host.rstrip(".").endswith(".localhost")))
+        if addr is None and (host.rstrip(".") == "localhost" or host.rstrip(".").endswith(".localhost")):
+            addr = ipaddress.IPv4Address("127.0.0.1")  # always loopback (RFC 6761): allowed where loopback is
+        refused = addr is not None and not self.address_allowed(addr)
         if refused:
             return [(FIELD, "must not point at a loopback, private, link-local or otherwise non-public address "
                             "(the operator can allow one with --webhook-allow)")]

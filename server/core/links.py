@@ -40,7 +40,10 @@ class ResultSigner:
         return f"{base.rstrip('/')}/results/{request_id}/{quote(file_name)}?expires={expires}&signature={signature}"
 
     def valid(self, request_id: str, file_name: str, expires: str, signature: str) -> bool:
-        if not expires.isdigit() or len(expires) > 12 or len(signature) != 64:
+        # ASCII only: str.isdigit() accepts "²", which int() refuses, and compare_digest refuses non-ASCII text
+        if not (expires.isascii() and expires.isdigit()) or len(expires) > 12:
+            return False
+        if not (signature.isascii() and len(signature) == 64):
             return False
         if int(expires) < time.time():
             return False

@@ -22,17 +22,12 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlsplit
 
 from google.rpc import status_pb2
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from engine.request import GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
@@ -44,9 +39,7 @@ from server.core.work import QueueFull, TenantLimit, Unavailable
 from server.storage import CANCELED, COMPLETED, IN_PROGRESS, IN_QUEUE, Row, StoreUnavailable, is_request_id
 
 DEFAULT_APP_ID = "fal-ai/pixart-sigma"
-QUEUE_HOST, RUN_HOST = "queue.fal.run", "fal.run"
 KEEPALIVE_S = 15.0
-PROXY_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 LEVELS = {"INFO": "INFO", "WARNING": "WARN", "ERROR": "ERROR", "DEBUG": "DEBUG"}
 # fal input field -> the JSON types it may have
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -72,17 +65,33 @@ def request_from_json(body: Any) -> tuple[GenerationRequest, list[tuple[str, str
         value = body.get(name)
         if value is None:
             continue
+        if int in types and float not in types:
+            value = _integral(value)
         if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-            kind = "number" if float in types else " or ".join(JSON_NAMES[t] for t in types)
-            violations.append((name, f"must be a {kind}"))
+            kind = "a number" if float in types else " or ".join(JSON_NAMES[t] for t in types)
+            violations.append((name, f"must be {kind}"))
             continue
-        kw[name] = (value.get("width"), value.get("height")) if isinstance(value, dict) else value
+        kw[name] = (_integral(value.get("width")), _integral(value.get("height"))) if isinstance(value, dict) else value
     if "prompt" not in kw and not violations:
         violations.append(("prompt", "is required"))
     return GenerationRequest(**{"prompt": "-", **kw}), violations  # a placeholder prompt when missing or mistyped
 
 
-JSON_NAMES = {str: "string", dict: "{width, height} object", int: "integer", bool: "boolean"}
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 14.0 is the integer 14 (as fal's own validation and JSON Schema have it)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JSON_NAMES = {str: "a string", dict: "a {width, height} object", int: "an integer", bool: "a boolean"}
+
+
+def _request_route_methods(subpath: str) -> str | None:
+    """The methods of the request route a submit's subpath names (`requests/<id>[/status|/cancel|...]`), None when
+    it names none: those paths belong to the request routes, so a POST there is 405, not a submit."""
+    head, _, rest = subpath.partition("/")
+    if head != "requests":
+        return None
+    return "PUT" if rest.count("/") == 1 and rest.endswith("/cancel") else "GET"
 
 
 def _app_id(request: Request) -> str:
@@ -230,6 +239,8 @@ class FalApi:
 
     # -- routes -----------------------------------------------------------------------------------------------
     async def submit(self, request: Request) -> Response:
+        if (allowed := _request_route_methods(request.path_params.get("subpath", ""))) is not None:
+            return JSONResponse({"detail": "Method Not Allowed"}, 405, headers={"Allow": allowed})
         if (refused := self._refusal(request)) is not None:
             return refused
         app_id = _app_id(request)
@@ -352,44 +363,3 @@ class FalApi:
         error = status_pb2.Status.FromString(row.error) if row.error else None
         payload, code = self.error_answer(Lookup(row.id, row.state, error=error))
         return {**body, "status": "ERROR", "payload": payload, "error": f"Invalid status code: {code}"}
-
-    # -- the routes on the HTTP port ----------------------------------------------------------------------------
-    def mount(self, app: Starlette) -> None:
-        """Add fal's routes to the HTTP port's app, and its proxy mode, which routes through the app's router."""
-        owner_app = "/{owner}/{name}"
-        requests = f"/queue{owner_app}/requests/{{request_id}}"
-        app.router.routes += [
-            Route(f"{requests}/status/stream", self.status_stream, methods=["GET"]),
-            Route(f"{requests}/status", self.status, methods=["GET"]),
-            Route(f"{requests}/cancel", self.cancel, methods=["PUT"]),
-            Route(requests, self.result, methods=["GET"]),
-            Route(f"/queue{owner_app}", self.submit, methods=["POST"]),
-            Route(f"/queue{owner_app}/{{subpath:path}}", self.submit, methods=["POST"]),
-            Route(f"/run{owner_app}", self.run, methods=["POST"]),
-            Route(f"/run{owner_app}/{{subpath:path}}", self.run, methods=["POST"]),
-            Route("/fal/proxy", _Proxy(app.router), methods=PROXY_METHODS),
-        ]
-
-
-class _Proxy:
-    """fal's proxy mode (`proxyUrl` in the JS client): every call arrives at one URL and names its real target in
-    `x-fal-target-url`; only fal's queue and run hosts are accepted, and the call is answered here, never forwarded."""
-
-    def __init__(self, router: Callable[[Scope, Receive, Send], Awaitable[None]]):
-        self.router = router
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        target = headers.get("x-fal-target-url", "")
-        parts = urlsplit(target) if len(target) <= 8192 else None
-        prefix = {QUEUE_HOST: "/queue", RUN_HOST: "/run"}.get(parts.hostname if parts else None)
-        if parts is None or parts.scheme != "https" or prefix is None:
-            response = JSONResponse({"detail": "x-fal-target-url must be an https://queue.fal.run/... or "
-                                               "https://fal.run/... URL"}, 400)
-            await response(scope, receive, send)
-            return
-        path = prefix + (parts.path or "/")
-        inner = dict(scope, path=path, raw_path=path.encode(), query_string=parts.query.encode())
-        await self.router(inner, receive, send)

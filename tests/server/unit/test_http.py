@@ -4,6 +4,7 @@ core does behind it. (fal's own clients against a real server: tests/acceptance/
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from starlette.testclient import TestClient
 
 from engine.request import GenerationRequest, InvalidRequest
 from server.api.http.fal import FalApi, request_from_json
-from server.api.http.server import build_app
+from server.api.http.fal_routes import mount as mount_fal
+from server.api.http.server import HttpServer, build_app
 from server.api.keys import ApiKeys
 from server.core import records
 from server.core.links import ResultSigner
@@ -65,7 +67,7 @@ def service() -> FakeRequests:
 @pytest.fixture
 def http(service) -> TestClient:
     app = build_app(keys=ApiKeys([KEY]), healthy=lambda: service.ready)
-    FalApi(service, keys=ApiKeys([KEY]), public_url="https://pixart.example").mount(app)
+    mount_fal(FalApi(service, keys=ApiKeys([KEY]), public_url="https://pixart.example"), app)
     with TestClient(app, headers={"Authorization": f"Key {KEY}"}) as client:
         yield client
 
@@ -78,6 +80,11 @@ def test_fal_input_is_parsed_with_fals_defaults_and_every_mistyped_field_named()
     assert [f for f, _ in mistyped] == ["prompt", "seed", "num_images", "sync_mode"]
     assert request_from_json([])[1] == [("body", "must be a JSON object")]
     assert request_from_json({})[1] == [("prompt", "is required")]
+    # JSON has one number type: an integral float is the integer (JSON Schema and fal's own validation agree)
+    request, mistyped = request_from_json({"prompt": "x", "num_inference_steps": 14.0, "seed": 3.0,
+                                           "image_size": {"width": 640.0, "height": 480}})
+    assert mistyped == [] and (request.num_inference_steps, request.seed, request.image_size) == (14, 3, (640, 480))
+    assert request_from_json({"prompt": "x", "num_images": 1.5})[1] == [("num_images", "must be an integer")]
 
 
 def test_submit_answers_fals_shape_with_the_public_urls(http, service) -> None:
@@ -172,6 +179,18 @@ def test_the_proxy_routes_fal_hosts_only(http, service) -> None:
     assert r.status_code == 202 and r.json()["request_id"] == RID
     for bad in ("https://evil.example/x", "http://queue.fal.run/x", "", "https://" + "a" * 9000):
         assert http.get("/fal/proxy", headers={"x-fal-target-url": bad}).status_code == 400
+    # the key comes first, whatever the header names (as on every other route)
+    r = http.get("/fal/proxy", headers={"x-fal-target-url": "https://evil.example/", "Authorization": "Key nope"})
+    assert r.status_code == 401
+
+
+def test_a_post_to_a_request_route_is_405_not_a_submit(http, service) -> None:
+    for path, allowed in ((f"requests/{RID}", "GET"), (f"requests/{RID}/status", "GET"),
+                          (f"requests/{RID}/cancel", "PUT"), (f"requests/{RID}/status/stream", "GET")):
+        r = http.post(f"/queue/{APP}/{path}", json={"prompt": "x"})
+        assert (r.status_code, r.headers["Allow"]) == (405, allowed), path
+    assert service.submitted == []
+    assert http.post(f"/queue/{APP}/some/endpoint", json={"prompt": "x"}).status_code == 200  # fal's subpaths
 
 
 def test_results_need_a_valid_signature_or_the_key(tmp_path) -> None:
@@ -197,6 +216,9 @@ def test_results_need_a_valid_signature_or_the_key(tmp_path) -> None:
         assert keyed.get(f"/results/{RID}/image_0.png").status_code == 401
         assert keyed.get(f"/results/{RID}/image_0.png", headers={"Authorization": f"Key {KEY}"}).status_code == 200
         assert keyed.get(f"/{url}".replace(RID, "cd" * 16)).status_code == 403  # signed for another request
+        # digits that are not ASCII, a signature that is not ASCII: refused, never a 500
+        assert open_port.get(f"/results/{RID}/image_0.png?expires=%C2%B2&signature={'0' * 64}").status_code == 403
+        assert open_port.get(f"/results/{RID}/image_0.png?expires=9999999999&signature={'é' * 64}").status_code == 403
         assert open_port.get("/metrics").text == "pixart_up 1\n" and keyed.get("/metrics").status_code == 401
         assert open_port.get("/healthz").status_code == 503
 
@@ -232,3 +254,13 @@ def test_named_keys_from_a_file_give_each_call_its_tenant(tmp_path) -> None:
     assert limited.tenant("Key k2") == "team-x" and (limited.limits("team-x").max_active,
                                                       limited.limits("team-x").rate) == (2, 0.5)
     assert limited.limits("other") == limited.limits("")  # unlimited
+
+
+def test_the_port_answers_without_waiting_for_delayed_acks() -> None:
+    """Responses go out in two writes (headers, body); without TCP_NODELAY each keep-alive call waited ~40 ms for the
+    client's delayed ACK. Accepted connections inherit the option from the listening socket."""
+    server = HttpServer(build_app(keys=ApiKeys(), healthy=lambda: True), "127.0.0.1", 0)
+    try:
+        assert server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        server.socket.close()
