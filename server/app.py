@@ -25,6 +25,7 @@ from server.api.grpc.server import GrpcServer
 from server.api.grpc.servicer import PixArtServicer
 from server.api.http.fal import FalApi
 from server.api.http.fal_routes import mount as mount_fal
+from server.api.http.guard import ConnectionGuard, ConnectionLimits
 from server.api.http.server import HttpServer, build_app
 from server.api.keys import ApiKeys, load_keys
 from server.config import ServerConfig
@@ -89,7 +90,7 @@ class App:
         if cfg.metrics_address:
             host, _, port = cfg.metrics_address.rpartition(":")
             app = build_app(keys=ApiKeys(), healthy=lambda: self.service.ready, render_metrics=self.metrics.render)
-            self.metrics_http = HttpServer(app, host.strip("[]") or cfg.host, int(port))
+            self.metrics_http = HttpServer(app, host.strip("[]") or cfg.host, int(port), guard=self._http_guard())
             await self.metrics_http.start()
         if cfg.http_port is not None:
             app = build_app(keys=self.keys, healthy=lambda: self.service.ready, signer=self.signer,
@@ -97,11 +98,18 @@ class App:
                             else self.metrics.render)
             mount_fal(self.fal, app)
             tls = cfg.tls or (None, None)
-            self.http = HttpServer(app, cfg.host, cfg.http_port, tls_cert=tls[0], tls_key=tls[1])
+            self.http = HttpServer(app, cfg.host, cfg.http_port, guard=self._http_guard(), tls_cert=tls[0],
+                                   tls_key=tls[1])
             await self.http.start()
             if not cfg.public_url and cfg.host in ("0.0.0.0", "::", ""):
                 log.warning("result URLs name the bind address, which callers cannot reach: set --public-url")
         log.info("listening", extra={"port": self.port, "http_port": self.http_port, "tls": bool(cfg.tls)})
+
+    def _http_guard(self) -> ConnectionGuard:
+        cfg = self.config
+        limits = ConnectionLimits(cfg.http_max_connections, cfg.http_max_connections_per_address,
+                                  cfg.http_header_timeout_s, cfg.http_body_timeout_s, cfg.http_write_timeout_s)
+        return ConnectionGuard(limits, on_cut=lambda reason: self.metrics.http_cut.labels(reason).inc())
 
     @property
     def http_port(self) -> int | None:

@@ -57,6 +57,17 @@ class ServerConfig:
     metrics_address: str | None = _setting(
         None, "HOST:PORT: serve /metrics there, on its own listener without a key (bind it to an internal address), "
         "instead of on the HTTP port, where it needs an API key when keys are configured")
+    http_max_connections: int = _setting(
+        1024, "HTTP connections open at once; past it a new one is answered 503 and closed before anything is read")
+    http_max_connections_per_address: int = _setting(
+        128, "HTTP connections from one client address (0: no limit; raise it behind a proxy that pools)")
+    http_header_timeout_s: float = _setting(
+        10.0, "seconds a request's headers may take to arrive, however slowly they trickle",
+        flag="--http-header-timeout")
+    http_body_timeout_s: float = _setting(30.0, "seconds a request's body may take to arrive after its headers",
+                                          flag="--http-body-timeout")
+    http_write_timeout_s: float = _setting(60.0, "seconds a response may wait on a client that does not read it",
+                                           flag="--http-write-timeout")
     app_ids: list[str] = _setting(
         [], "fal app id served on the HTTP port besides fal-ai/pixart-sigma (repeatable)", flag="--app-id",
         metavar="OWNER/NAME")

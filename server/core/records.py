@@ -11,7 +11,9 @@ into something GenerationRequest.violations() refuses with the right field name,
 from __future__ import annotations
 
 import base64
+import logging
 import re
+import secrets
 
 import grpc
 from google.protobuf import any_pb2
@@ -23,6 +25,8 @@ from protos.pixart.v1 import pixart_pb2 as pb
 from server.storage import ResultWriteFailed
 
 from .work import DeadlineExceeded, ShutdownAbort
+
+log = logging.getLogger("pixart.server")
 
 
 def _proto_table(enum, prefix: str, names, default: str) -> dict[int, str]:
@@ -125,9 +129,27 @@ def error_status(code: grpc.StatusCode, message: str) -> status_pb2.Status:
 
 
 def status_from_exception(exc: BaseException) -> status_pb2.Status:
+    """A refused request names its fields; any other failure is INTERNAL with a stable message and a correlation
+    id, never the exception's own text (which may name paths, addresses or internals): that goes to the log, once,
+    under the same id."""
     if isinstance(exc, InvalidRequest):
         return bad_request_status(exc.violations)
-    return error_status(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+    return error_status(grpc.StatusCode.INTERNAL, f"internal error; correlation id {correlation_id(exc)} (the "
+                                                  "server's log has the details)")
+
+
+def correlation_id(exc: BaseException) -> str:
+    """The id an internal failure is known by, given (and logged with its traceback) the first time it is asked
+    for: every answer, stored status and webhook that reports this failure carries the same id."""
+    known = getattr(exc, "_pixart_correlation_id", None)
+    if known is None:
+        known = secrets.token_hex(8)
+        try:
+            exc._pixart_correlation_id = known  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type without a __dict__: logged each time it is reported
+            pass
+        log.error("internal error", extra={"correlation_id": known}, exc_info=exc)
+    return known
 
 
 def grpc_code(status: status_pb2.Status) -> grpc.StatusCode:

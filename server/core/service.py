@@ -28,7 +28,7 @@ from google.rpc import status_pb2
 from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.observability.metrics import Metrics
-from server.storage import Row, Store, StoreUnavailable, new_request_id
+from server.storage import Row, Store, new_request_id
 from server.storage.states import CANCELED, IN_PROGRESS, IN_QUEUE, TERMINAL
 from server.webhooks import WebhookPolicy
 
@@ -190,7 +190,10 @@ class RequestService:
             position = self.loop.position(item) if item is not None else None
             if position is None:
                 position = 0 if item is not None else await asyncio.to_thread(self.store.position, request_id)
-        except StoreUnavailable:  # the replicas claim it once the store is back; its place is not known now
+        except Exception:  # noqa: BLE001 - whatever fails now, the request is accepted: answering an error would
+            # make the caller retry and run it twice. The replicas claim it once they can; its place is unknown.
+            log.warning("accepted, but its claim or position failed", extra={"request_id": request_id},
+                        exc_info=True)
             position = 0
         return request_id, position
 

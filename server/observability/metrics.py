@@ -43,5 +43,8 @@ class Metrics:
             "pixart_result_write_failures", "Requests whose images could not be stored (results folder or object "
             "store): each ended FAILED", registry=r)
 
+        self.http_cut = Counter("pixart_http_connections_cut", "HTTP connections closed by the port's bounds: too "
+                                "many, headers or body too slow, a response not read", ["reason"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,8 +25,16 @@ from .guard import DecodeGuard
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PixArt"].full_name
 
 
+# The methods this port serves: a metric label names one of them or "other", so that calls to made-up method names
+# (which need no key to reach the interceptors) cannot add series without bound.
+KNOWN_METHODS = frozenset(
+    f"/{service.full_name}/{method.name}"
+    for service in (pb.DESCRIPTOR.services_by_name["PixArt"], health_pb2.DESCRIPTOR.services_by_name["Health"])
+    for method in service.methods)
+
+
 def _method(full_name: str) -> str:
-    return full_name.rsplit("/", 1)[-1][:64]
+    return full_name.rsplit("/", 1)[-1] if full_name in KNOWN_METHODS else "other"
 
 
 class GrpcServer:

@@ -22,11 +22,12 @@ import asyncio
 import base64
 import json
 import time
+from collections.abc import Awaitable
 from datetime import datetime, timezone
 from typing import Any
 
 from google.rpc import status_pb2
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engine.request import GenerationRequest, GenerationResult, InvalidRequest
@@ -83,6 +84,28 @@ def _integral(value: Any) -> Any:
 
 
 JSON_NAMES = {str: "a string", dict: "a {width, height} object", int: "an integer", bool: "a boolean"}
+
+
+class ClientGone(Exception):
+    """The caller closed the connection while its answer was being made."""
+
+
+async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any:
+    """`work`'s result, or ClientGone as soon as the caller disconnects (the body has been read: the next message
+    the server gets from the connection is its end). uvicorn does not cancel a handler whose client went away."""
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    doing, watching = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({doing, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+    if not doing.done():
+        doing.cancel()
+        raise ClientGone()
+    return doing.result()
 
 
 def _request_route_methods(subpath: str) -> str | None:
@@ -173,15 +196,20 @@ class FalApi:
         if not declared.isdigit() or int(declared) > MAX_REQUEST_BYTES:
             return None, too_large
         chunks, size = [], 0
-        async for chunk in request.stream():  # bounded whatever Content-Length claimed
-            size += len(chunk)
-            if size > MAX_REQUEST_BYTES:
-                return None, too_large
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():  # bounded whatever Content-Length claimed
+                size += len(chunk)
+                if size > MAX_REQUEST_BYTES:
+                    return None, too_large
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone before its body arrived (or cut off for sending it too slowly)
+            return None, Response(status_code=499)
         try:
             body = json.loads(b"".join(chunks) or b"{}")
         except (ValueError, UnicodeDecodeError):
             return None, self._invalid([("body", "is not valid JSON")])
+        except RecursionError:  # nested deeper than the parser goes: no input of ours is nested past 2 levels
+            return None, self._invalid([("body", "is nested too deeply")])
         generation, mistyped = request_from_json(body)
         if mistyped:
             return None, self._invalid(mistyped + [v for v in self.service.violations(generation, webhook_url)
@@ -319,7 +347,7 @@ class FalApi:
         if found.state != COMPLETED or found.row is None:
             body, code = self.error_answer(found)
             return self._answer(body, code, rid)
-        return self._answer(await asyncio.to_thread(self.stored_result_json, found.row), 200, rid)
+        return await asyncio.to_thread(lambda: self._answer(self.stored_result_json(found.row), 200, rid))
 
     async def cancel(self, request: Request) -> Response:
         rid, found, answer = await self._found(request)
@@ -343,17 +371,23 @@ class FalApi:
         except (InvalidRequest, TenantLimit, QueueFull, Unavailable) as exc:
             return self._refused(exc)
         try:
-            outcome = await call.outcome()
-        except asyncio.CancelledError:  # the caller went away: free the place or the step
+            outcome = await _unless_gone(request, call.outcome())
+        except asyncio.CancelledError:  # the server is stopping: free the place or the step
             call.cancel()
             raise
+        except ClientGone:  # the caller went away: free its place in the queue, or stop it at the next step
+            call.cancel()
+            return Response(status_code=499)  # nobody reads it: nginx's code for a client that closed
         if not isinstance(outcome, GenerationResult):
             status = records.outcome_status(outcome)
             violations = records.violations_from_status(status)
             if violations:
                 return self._answer({"detail": _detail(violations)}, 422, call.id)
             return self._answer({"detail": status.message[:1000]}, 500, call.id)
-        return self._answer(self.result_json(self.service.result(call.item), generation.sync_mode), 200, call.id)
+        result = self.service.result(call.item)
+        # base64 and JSON of up to 8 images at 2048^2 (~130 MB with sync_mode): a thread's work, not the loop's
+        return await asyncio.to_thread(
+            lambda: self._answer(self.result_json(result, generation.sync_mode), 200, call.id))
 
     def webhook_payload(self, row: Row) -> dict:
         """fal's webhook body: {request_id, gateway_request_id, status: OK|ERROR, payload, error} (blocking)."""

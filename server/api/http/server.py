@@ -17,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import logging
 import mimetypes
+import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -28,13 +31,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from engine.vocabulary import FORMAT_DETAILS
 from server.api.http import schema
+from server.api.http.guard import ConnectionGuard
 from server.api.keys import ApiKeys
 from server.api.limits import RETRY_AFTER_S
 from server.core.links import ResultSigner
 from server.storage import StoreUnavailable, is_request_id, is_result_file_name
+
+log = logging.getLogger("pixart.server.http")
 
 try:
     VERSION = importlib.metadata.version("pixart-sigma-serve")
@@ -80,9 +87,11 @@ def build_app(
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n") if healthy() else PlainTextResponse("not serving\n", 503)
 
+    errors = InternalErrors()
     app = FastAPI(title="PixArt-Σ serving", version=VERSION, openapi_url="/openapi.json", docs_url=None,
-                  redoc_url=None, exception_handlers={StoreUnavailable: store_unavailable,
+                  redoc_url=None, exception_handlers={Exception: errors.answer, StoreUnavailable: store_unavailable,
                                                       RequestValidationError: invalid_parameters})
+    app.state.errors = errors
     app.openapi = lambda: _document(app)
     app.add_api_route("/healthz", healthz, methods=["GET"], operation_id="health",
                       summary="Whether this replica serves",
@@ -124,6 +133,52 @@ def _document(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+ANSWERED = "pixart.error_answered"  # set in a request's scope once InternalErrors has answered its exception
+
+
+class InternalErrors:
+    """What the port answers and logs when a route raises: 500 with a stable message and a correlation id (fal's
+    JSON shape), the traceback logged under that id, at most `per_minute` tracebacks a minute (then one line a
+    minute with how many more), so that input able to make a route raise cannot flood the log."""
+
+    def __init__(self, per_minute: int = 10):
+        self.per_minute, self.window, self.logged, self.dropped = per_minute, 0.0, 0, 0
+
+    async def answer(self, request: Request, exc: Exception) -> Response:
+        correlation = secrets.token_hex(8)
+        request.scope[ANSWERED] = True
+        self.log(exc, correlation, request.url.path[:200])
+        return JSONResponse({"detail": f"internal error; correlation id {correlation}"}, 500)
+
+    def log(self, exc: BaseException, correlation: str, path: str) -> None:
+        now = time.monotonic()
+        if now - self.window >= 60.0:
+            if self.dropped:
+                log.error("internal errors not logged in the last minute", extra={"count": self.dropped})
+            self.window, self.logged, self.dropped = now, 0, 0
+        if self.logged >= self.per_minute:
+            self.dropped += 1
+            return
+        self.logged += 1
+        log.error("internal error", extra={"correlation_id": correlation, "path": path}, exc_info=exc)
+
+
+class _Contained:
+    """The app as uvicorn runs it: Starlette answers a route's exception through InternalErrors and then raises it
+    again for the server to log, which uvicorn would do with a full traceback each time. It has been answered and
+    logged (rate-limited) already, so it stops here; one raised after the response started is logged the same way."""
+
+    def __init__(self, app: FastAPI, errors: InternalErrors):
+        self.app, self.errors = app, errors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 - answered (500) and logged by InternalErrors, or logged here
+            if not scope.get(ANSWERED):
+                self.errors.log(exc, secrets.token_hex(8), str(scope.get("path", ""))[:200])
+
+
 async def store_unavailable(request: Request, exc: Exception) -> Response:
     """Any route whose store call found the database away: 503 with Retry-After, nothing committed."""
     return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -147,7 +202,7 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """uvicorn serving `app` on the running event loop, on a socket bound here (so port 0 works)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, *, tls_cert: str | None = None,
+    def __init__(self, app: FastAPI, host: str, port: int, *, guard: ConnectionGuard, tls_cert: str | None = None,
                  tls_key: str | None = None):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server((host, port), family=family)
@@ -155,8 +210,10 @@ class HttpServer:
         # for the client's delayed ACK, ~40 ms on every keep-alive request (measured: 44 ms -> 0.3 ms per call)
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.tls = bool(tls_cert and tls_key)
-        config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, ssl_certfile=tls_cert,
-                                ssl_keyfile=tls_key, timeout_graceful_shutdown=2, server_header=False)
+        self.app, self.guard = app, guard
+        config = uvicorn.Config(_Contained(app, app.state.errors), http=guard.protocol(), lifespan="off",
+                                log_config=None, access_log=False, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+                                timeout_graceful_shutdown=2, server_header=False)
         self._server = _Server(config)
         self._task: asyncio.Task | None = None
 

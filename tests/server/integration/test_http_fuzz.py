@@ -35,7 +35,7 @@ def test_the_document_covers_every_route_with_its_input_schema(server) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/openapi.json", timeout=10) as answer:
         document = json.load(answer)
     paths = set(document["paths"])
-    served = {route.path.replace(":path}", "}") for route in server.app.http._server.config.app.routes}
+    served = {route.path.replace(":path}", "}") for route in server.app.http.app.routes}
     assert served - {"/openapi.json"} == paths
     fal_input = document["components"]["schemas"]["FalInput"]
     assert fal_input["required"] == ["prompt"]

@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 from engine.request import GenerationRequest, InvalidRequest
 from server.api.http.fal import FalApi, request_from_json
 from server.api.http.fal_routes import mount as mount_fal
+from server.api.http.guard import ConnectionGuard, ConnectionLimits
 from server.api.http.server import HttpServer, build_app
 from server.api.keys import ApiKeys
 from server.core import records
@@ -24,6 +25,7 @@ from server.storage import COMPLETED, FAILED, IN_QUEUE, StoreUnavailable
 
 KEY, APP = "k3y", "fal-ai/pixart-sigma"
 RID = "ab" * 16
+BROKEN = "ee" * 16  # a lookup of this id raises, as a bug would
 
 
 class FakeRequests:
@@ -53,6 +55,8 @@ class FakeRequests:
         return RID, 3
 
     async def lookup(self, request_id):
+        if request_id == BROKEN:
+            raise RuntimeError("lost /var/lib/pixart/secret.db")
         return self.found.get(request_id)
 
     async def cancel(self, request_id):
@@ -259,8 +263,23 @@ def test_named_keys_from_a_file_give_each_call_its_tenant(tmp_path) -> None:
 def test_the_port_answers_without_waiting_for_delayed_acks() -> None:
     """Responses go out in two writes (headers, body); without TCP_NODELAY each keep-alive call waited ~40 ms for the
     client's delayed ACK. Accepted connections inherit the option from the listening socket."""
-    server = HttpServer(build_app(keys=ApiKeys(), healthy=lambda: True), "127.0.0.1", 0)
+    guard = ConnectionGuard(ConnectionLimits(8, 8, 1.0, 1.0, 1.0))
+    server = HttpServer(build_app(keys=ApiKeys(), healthy=lambda: True), "127.0.0.1", 0, guard=guard)
     try:
         assert server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         server.socket.close()
+
+
+def test_a_route_that_raises_answers_a_correlation_id_and_logs_at_most_ten_tracebacks_a_minute(service, caplog) -> None:
+    app = build_app(keys=ApiKeys([KEY]), healthy=lambda: service.ready)
+    mount_fal(FalApi(service, keys=ApiKeys([KEY])), app)
+    with TestClient(app, headers={"Authorization": f"Key {KEY}"}, raise_server_exceptions=False) as client:
+        with caplog.at_level("ERROR", logger="pixart.server.http"):
+            answers = [client.get(f"/queue/{APP}/requests/{BROKEN}/status") for _ in range(30)]
+    assert {a.status_code for a in answers} == {500}
+    details = [a.json()["detail"] for a in answers]
+    assert all(d.startswith("internal error; correlation id ") and "secret" not in d for d in details)
+    logged = [r for r in caplog.records if r.getMessage() == "internal error"]
+    assert len(logged) == 10 and logged[0].exc_info is not None
+    assert logged[0].correlation_id in details[0]  # the answer's id finds the traceback

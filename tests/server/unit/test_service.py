@@ -69,6 +69,23 @@ def test_submit_is_committed_runs_and_ends_completed_in_the_store(tmp_path) -> N
     run(main())
 
 
+def test_a_submit_whose_follow_up_fails_after_the_commit_still_answers_its_id(tmp_path) -> None:
+    """Answering an error for a committed request makes the caller retry it, and it runs twice."""
+    async def main():
+        app = await started(app_for(tmp_path))
+        try:
+            async def broken() -> None:
+                raise RuntimeError("claim failed")
+
+            app.service.replica.claim = broken
+            rid, position = await app.service.submit(GenerationRequest(prompt="once", **CHEAP))
+            assert app.store.get(rid) is not None and position == 0
+        finally:
+            await app.drain()
+
+    run(main())
+
+
 async def _ended(app: App, rid: str):
     found = await app.service.lookup(rid)
     return found if found is not None and found.row is not None else None
