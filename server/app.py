@@ -69,7 +69,8 @@ class App:
         self.outputs = Outputs(self.store, replica=self.replica_name, metrics=self.metrics, webhooks=self.webhooks)
         self.service = RequestService(self.store, self.outputs, self.links, self.webhooks, policy, self.metrics,
                                       max_queue=cfg.max_queue, limits=self.keys.limits)
-        self.fal = FalApi(self.service, keys=self.keys, app_ids=cfg.app_ids, public_url=cfg.public_url)
+        self.fal = FalApi(self.service, keys=self.keys, app_ids=cfg.app_ids, public_url=cfg.public_url,
+                          max_streams=cfg.http_max_streams_per_key)
         self.webhooks.payloads["fal"] = self.fal.webhook_payload
         self.grpc = GrpcServer(PixArtServicer(self.service, self.metrics, self.keys), keys=self.keys,
                                metrics=self.metrics,
@@ -126,8 +127,8 @@ class App:
             return ""
         return f"{'https' if self.http.tls else 'http'}://{self.config.host}:{self.http_port}"
 
-    async def _servable(self, request_id: str, file_name: str) -> Path | str | None:
-        return await asyncio.to_thread(self.links.servable, request_id, file_name)
+    async def _servable(self, request_id: str, file_name: str, viewer: str | None) -> Path | str | None:
+        return await asyncio.to_thread(self.links.servable, request_id, file_name, viewer)
 
     async def load_engine(self) -> None:
         cfg = self.config

@@ -68,6 +68,8 @@ class ServerConfig:
                                           flag="--http-body-timeout")
     http_write_timeout_s: float = _setting(60.0, "seconds a response may wait on a client that does not read it",
                                            flag="--http-write-timeout")
+    http_max_streams_per_key: int = _setting(
+        32, "status streams open at once per API key (per client address without keys); past it 429")
     app_ids: list[str] = _setting(
         [], "fal app id served on the HTTP port besides fal-ai/pixart-sigma (repeatable)", flag="--app-id",
         metavar="OWNER/NAME")

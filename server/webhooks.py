@@ -18,6 +18,7 @@ webhook secret S, `X-Pixart-Signature: v1=<hex HMAC-SHA256(S, timestamp + "." + 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import hmac
 import http.client
@@ -28,6 +29,7 @@ import random
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -90,8 +92,20 @@ def literal_address(host: str) -> Address | None:
         return None
 
 
+# getaddrinfo has no timeout of its own (a slow resolver holds its thread for tens of seconds): lookups run on a few
+# threads of their own and a delivery waits RESOLVE_TIMEOUT_S for one; a lookup that outlives it keeps only its own
+# thread, and when all of those are stuck, new lookups time out at once instead of piling up.
+RESOLVE_TIMEOUT_S = 5.0
+_RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pixart-resolve")
+
+
 def _resolve(host: str, port: int) -> list[Address]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = lookup.result(timeout=RESOLVE_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+        lookup.cancel()
+        raise OSError(f"resolving the host took more than {RESOLVE_TIMEOUT_S:g} s") from None
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos))
 
 
@@ -192,6 +206,17 @@ class Delivery:
     request_id: str
     url: str
     body: bytes
+    connection: http.client.HTTPConnection | None = field(default=None, repr=False)  # the attempt's, while open
+
+
+def _shut(delivery: Delivery) -> None:
+    """The attempt's deadline: whatever the exchange is blocked on fails at once."""
+    sock = delivery.connection.sock if delivery.connection is not None else None
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
 
 
 class WebhookSender:
@@ -219,6 +244,18 @@ class WebhookSender:
         raise error if error is not None else OSError("no address to connect to")
 
     def _post_to(self, delivery: Delivery, host: str, port: int, address: str) -> int:
+        """One POST, over in `timeout_s` whatever the receiver does: socket timeouts bound each read and write, and
+        a timer shuts the socket at the deadline, so that a receiver dripping a byte every few seconds cannot hold
+        the thread (or outlive the delivery's claim)."""
+        deadline = threading.Timer(self.timeout_s, _shut, args=(delivery,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            return self._exchange(delivery, host, port, address)
+        finally:
+            deadline.cancel()
+
+    def _exchange(self, delivery: Delivery, host: str, port: int, address: str) -> int:
         parts = urlsplit(delivery.url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if parts.scheme == "https":
@@ -239,12 +276,14 @@ class WebhookSender:
             "X-Pixart-Timestamp": timestamp,
             "X-Pixart-Signature": signature(self.secret, timestamp, delivery.body),
         }
+        delivery.connection = conn
         try:
             conn.request("POST", path, body=delivery.body, headers=headers)
             response = conn.getresponse()
             response.read(64 * 1024)  # the receiver's answer is not ours to hold
             return response.status
         finally:
+            delivery.connection = None
             conn.close()
 
     async def deliver(self, delivery: Delivery) -> bool:

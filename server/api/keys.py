@@ -8,8 +8,12 @@ no authentication, and every request has the empty tenant.
 A keys file has one key a line (`#` starts a comment): `KEY` (named `key-` and the first 8 hex digits of its
 SHA-256), `NAME KEY`, or `NAME sha256:HEX` (the key's SHA-256, so that the file need not hold the key), each of the
 named forms optionally followed by limits: `max_active=N` (requests queued or running at once) and `rate=R`
-(requests accepted per second). Several keys may share a name: one tenant, keys rotated (limits are the tenant's;
-the first line that names them wins).
+(requests accepted per second), and by `admin`. Several keys may share a name: one tenant, keys rotated (limits are
+the tenant's; the first line that names them wins).
+
+Requests belong to the tenant that submitted them: with keys configured, a key sees, follows, cancels and fetches
+(without a signed URL) only its own tenant's requests, and another tenant's id is answered as unknown. An `admin` key
+sees every tenant's.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Key:
     name: str  # the tenant: what logs, metrics and the store name, never the key
     digest: bytes  # SHA-256 of the key
     limits: Limits = Limits()
+    admin: bool = False  # sees every tenant's requests
 
     @classmethod
     def plain(cls, key: str, name: str | None = None) -> Key:
@@ -50,8 +55,11 @@ def parse_key_line(line: str, where: str) -> Key | None:
         raise ValueError(f"{where}: expected KEY, NAME KEY or NAME sha256:HEX (a name of letters, digits, _ . -, "
                          "at most 64)")
     name, secret, options = fields[0], fields[1], fields[2:]
-    limits = {}
+    limits, admin = {}, False
     for option in options:
+        if option == "admin":
+            admin = True
+            continue
         field, _, value = option.partition("=")
         kind = {"max_active": int, "rate": float}.get(field)
         try:
@@ -59,10 +67,10 @@ def parse_key_line(line: str, where: str) -> Key | None:
         except ValueError:
             limits[field] = None
         if limits[field] is None or limits[field] <= 0:
-            raise ValueError(f"{where}: limits are max_active=N and rate=R, positive numbers")
+            raise ValueError(f"{where}: options are max_active=N and rate=R (positive numbers) and admin")
     hashed = DIGEST.fullmatch(secret)
     digest = bytes.fromhex(hashed.group(1)) if hashed else Key.plain(secret).digest
-    return Key(name, digest, Limits(**limits))
+    return Key(name, digest, Limits(**limits), admin)
 
 
 def load_keys(keys: Iterable[str] = (), keys_file: str | None = None, env: str = "") -> list[Key]:
@@ -92,15 +100,28 @@ class ApiKeys:
     def required(self) -> bool:
         return bool(self._keys)
 
-    def name_of(self, authorization: str) -> str | None:
-        """The name of the configured key presented, or None."""
+    def key_of(self, authorization: str) -> Key | None:
+        """The configured key presented, or None."""
         presented = presented_key(authorization)
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
         found = None
         for key in self._keys:
             if hmac.compare_digest(digest, key.digest) and found is None:
-                found = key.name
+                found = key
         return found if presented else None
+
+    def name_of(self, authorization: str) -> str | None:
+        """The name of the configured key presented, or None."""
+        key = self.key_of(authorization)
+        return key.name if key is not None else None
+
+    def viewer(self, authorization: str) -> str | None:
+        """Whose requests a call may see: its tenant's name, or None for all of them (no keys configured, or an
+        admin key)."""
+        key = self.key_of(authorization)
+        if not self.required or (key is not None and key.admin):
+            return None
+        return key.name if key is not None else "\0nobody"  # no configured key: no request is its own
 
     def proves(self, authorization: str) -> bool:
         """A configured key was presented (what opens a result without a signature)."""

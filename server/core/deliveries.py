@@ -17,13 +17,14 @@ from google.rpc import status_pb2
 
 from server.storage import Row, Store
 from server.storage.states import COMPLETED
-from server.webhooks import Delivery, WebhookSender, body_json
+from server.webhooks import RESOLVE_TIMEOUT_S, Delivery, WebhookSender, body_json
 
 from . import records
 from .links import ResultLinks
 
 log = logging.getLogger("pixart.server.webhooks")
 Payload = Callable[[Row], dict[str, Any]]
+MAX_WEBHOOK_BYTES = 16 << 20  # a body past this leaves the images out (sync_mode results carry them as data)
 
 
 class WebhookDeliveries:
@@ -32,7 +33,9 @@ class WebhookDeliveries:
         self.store, self.sender, self.links, self.replica = store, sender, links, replica
         self.payloads = dict(payloads or {})
         # a delivery claim lasts beyond every attempt and backoff, so that only a dead deliverer's is taken over
-        self.lease_s = (sender.attempts * (sender.timeout_s + 1) + sender.backoff_s * 2 ** sender.attempts + 60)
+        # (each attempt: a bounded lookup, a connect and an exchange each bounded by the attempt's timeout)
+        self.lease_s = (sender.attempts * (RESOLVE_TIMEOUT_S + 2 * sender.timeout_s + 1)
+                        + sender.backoff_s * 2 ** sender.attempts + 60)
         self._running: dict[str, asyncio.Task] = {}
 
     def schedule(self, request_id: str) -> None:
@@ -63,10 +66,24 @@ class WebhookDeliveries:
         row = await asyncio.to_thread(self.store.get, request_id)
         if row is None or not row.webhook_url or row.webhook_done:
             return
-        body = body_json(await asyncio.to_thread(self.payload, row))
+        body = await asyncio.to_thread(self.body, row)  # megabytes of base64 and JSON: not the loop's work
         await self.sender.deliver(Delivery(row.id, row.webhook_url, body))
         # done either way: delivered, refused, or every retry spent (the receiver's trouble must not become ours)
         await asyncio.to_thread(self.store.mark_webhook_done, row.id)
+
+    def body(self, row: Row) -> bytes:
+        """The JSON body (blocking). A sync_mode result carries its images as data, up to ~130 MB: past
+        MAX_WEBHOOK_BYTES the images are left out (`images_omitted`), and the receiver fetches the result with its
+        key, so that no delivery holds (and retries) a body that size."""
+        body = body_json(self.payload(row))
+        if len(body) <= MAX_WEBHOOK_BYTES:
+            return body
+        payload = self.payload(row)
+        result = payload.get("payload") if isinstance(payload.get("payload"), dict) else None
+        if result is not None and isinstance(result.get("images"), list):
+            result["images"] = []
+            result["images_omitted"] = f"the images were larger than {MAX_WEBHOOK_BYTES >> 20} MB: fetch the result"
+        return body_json(payload)
 
     def payload(self, row: Row) -> dict[str, Any]:
         """The body for an ended request (blocking: a sync_mode result's bytes are read from the store)."""

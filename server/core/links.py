@@ -80,11 +80,12 @@ class ResultLinks:
                 img.url = self.url(row.id, img.file_name)
         return result
 
-    def servable(self, request_id: str, file_name: str) -> Path | str | None:
+    def servable(self, request_id: str, file_name: str, viewer: str | None = None) -> Path | str | None:
         """The file (or, in object storage, a fresh presigned URL to redirect to) only if a COMPLETED request with
-        sync_mode=false names it: sync results never have a URL (blocking: it reads the store)."""
+        sync_mode=false names it, and it is `viewer`'s (a tenant's name; None: a signed URL's holder, or an admin):
+        sync results never have a URL (blocking: it reads the store)."""
         row = self.store.get(request_id)
-        if row is None or row.state != COMPLETED or not row.result:
+        if row is None or row.state != COMPLETED or not row.result or viewer not in (None, row.tenant):
             return None
         if records.sync_mode(pb.GenerateRequest.FromString(row.request)):
             return None

@@ -49,6 +49,7 @@ class Outputs:
         self.live: dict[str, WorkItem] = {}  # accepted here, outcome not yet recorded
         self.on_lost_claim: Callable[[WorkItem], None] = lambda item: None  # stops an item (set by the app)
         self._watchers: dict[str, list[asyncio.Queue[Update]]] = {}
+        self._changed: dict[str, asyncio.Event] = {}  # request id -> set at its next update (status streams)
         self._positions: dict[str, int] = {}
         self._marking: dict[str, asyncio.Task] = {}  # a durable request's start, being written
         self._tasks: set[asyncio.Task] = set()
@@ -216,7 +217,7 @@ class Outputs:
         return self.store.finish(
             item.id, state, request=request, owner=self.replica if item.durable else None, attempt=item.claim,
             result=result.SerializeToString() if result is not None else None, images=images,
-            error=error.SerializeToString() if error is not None else None, logs=item.logs)
+            error=error.SerializeToString() if error is not None else None, logs=item.logs, tenant=item.tenant)
 
     def _count(self, state: str, outcome: GenerationResult | BaseException) -> None:
         self.metrics.outcomes.labels(state).inc()
@@ -238,6 +239,21 @@ class Outputs:
     def _publish(self, item: WorkItem, update: Update) -> None:
         for updates in self._watchers.get(item.id, ()):
             updates.put_nowait(update)
+        changed = self._changed.pop(item.id, None)
+        if changed is not None:
+            changed.set()
+
+    async def changed(self, request_id: str, timeout: float) -> bool:
+        """Wait until a request live here changes (a position, a step, a log line, its end), at most `timeout`;
+        False at once for a request not live here (it is the store's to tell)."""
+        if request_id not in self.live:
+            return False
+        event = self._changed.setdefault(request_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        return True
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)

@@ -42,6 +42,9 @@ from .work import Done, Draining, Limits, QueueFull, TenantLimit, Unavailable, U
 log = logging.getLogger("pixart.server")
 LOADING = "the engine is still loading; retry shortly"
 STORE_AWAY = "the store cannot be reached now (its database is down or restarting); retry shortly"
+# A status stream of a request live on this replica wakes on its events (at least every KEEPALIVE_S, for a
+# keep-alive); one queued in the store or running on another replica is read from the store every REMOTE_POLL_S.
+KEEPALIVE_S, REMOTE_POLL_S = 15.0, 1.0
 
 
 @dataclass
@@ -75,9 +78,11 @@ class Requests(Protocol):
     async def start(self, request: GenerationRequest, *, deadline: float | None = None,
                     method: str = "Generate", tenant: str = "") -> Call: ...
 
-    async def lookup(self, request_id: str) -> Lookup | None: ...
+    async def lookup(self, request_id: str, viewer: str | None = None) -> Lookup | None: ...
 
-    async def cancel(self, request_id: str) -> str: ...
+    async def cancel(self, request_id: str, viewer: str | None = None) -> str: ...
+
+    async def changed(self, request_id: str) -> None: ...
 
     def result(self, item: WorkItem) -> pb.GenerateResult: ...
 
@@ -242,14 +247,17 @@ class RequestService:
             self.outputs.spawn(self.outputs.complete(item, Cancelled()))
 
     # -- any request, wherever it runs -----------------------------------------------------------------------
-    async def lookup(self, request_id: str) -> Lookup | None:
-        """Where a request is: live here, or in the store (wherever it runs); None when unknown or expired."""
+    async def lookup(self, request_id: str, viewer: str | None = None) -> Lookup | None:
+        """Where a request is: live here, or in the store (wherever it runs); None when unknown or expired, or not
+        `viewer`'s (a tenant's name; None: whoever's)."""
         item = self.outputs.live.get(request_id)
+        if item is not None and not _visible(item.tenant, viewer):
+            return None
         if item is not None and item.state in (IN_QUEUE, IN_PROGRESS):
             position = self.loop.position(item) if item.state == IN_QUEUE and self.loop is not None else None
             return Lookup(item.id, str(item.state), position or 0, item.progress, list(item.logs))
         row = await asyncio.to_thread(self.store.get, request_id)
-        if row is None:
+        if row is None or not _visible(row.tenant, viewer):
             return None
         if row.state == IN_QUEUE:
             position = await asyncio.to_thread(self.store.position, request_id)
@@ -259,11 +267,20 @@ class RequestService:
         error = status_pb2.Status.FromString(row.error) if row.error else None
         return Lookup(row.id, row.state, 0, (0, 0), row.logs, error, row)
 
-    async def cancel(self, request_id: str) -> str:
+    async def changed(self, request_id: str) -> None:
+        """Until a request may have changed: its next update when it is live here (woken by the engine's events,
+        or after KEEPALIVE_S), else after REMOTE_POLL_S, which is how often a follower reads the store for a
+        request queued in it or running on another replica."""
+        if not await self.outputs.changed(request_id, KEEPALIVE_S):
+            await asyncio.sleep(REMOTE_POLL_S)
+
+    async def cancel(self, request_id: str, viewer: str | None = None) -> str:
         """"queued" (it will not run), "running" (it ends CANCELED: at its next step, or, past its last one, when
         its result would have been recorded; here or on the replica that runs it, and across a crash), "ended"
-        (its outcome was already decided) or "unknown"."""
+        (its outcome was already decided) or "unknown" (also when it is not `viewer`'s)."""
         item = self.outputs.live.get(request_id)
+        if item is not None and not _visible(item.tenant, viewer):
+            return "unknown"
         if item is not None:
             # committed before the answer: a crash after "cancellation requested" must not rerun it, and the
             # store's finish turns the outcome into CANCELED under the row's lock
@@ -277,7 +294,7 @@ class RequestService:
             if not item.durable:  # its outcome is decided and on its way to its caller
                 return "ended"
         row = await asyncio.to_thread(self.store.get, request_id)
-        if row is None:
+        if row is None or not _visible(row.tenant, viewer):
             return "unknown"
         if row.state in TERMINAL:
             return "ended"
@@ -300,3 +317,8 @@ class RequestService:
     def stored(self, row: Row) -> pb.GenerateResult:
         """A COMPLETED row's result (blocking: it may read image bytes from the store; call it off the loop)."""
         return self.links.stored(row)
+
+
+def _visible(tenant: str, viewer: str | None) -> bool:
+    """Whether a request of `tenant` is `viewer`'s to see (None: an admin, or a server without keys)."""
+    return viewer is None or tenant == viewer

@@ -242,14 +242,15 @@ class SqlStore:
         images: Sequence[tuple[str, bytes]] = (),
         error: bytes | None = None,
         logs: list | None = None,
+        tenant: str = "",
     ) -> str | None:
         """Record the end of a request; returns the state recorded. With `owner`: only if that claim (owner,
         attempt) still holds the unfinished row, else None (refused: another replica took it over, or it ended);
         a row whose Cancel was acknowledged (the flag is committed before the answer) ends CANCELED whatever
         `state` says, checked under the same row lock as the write, so that no acknowledged cancel is overtaken.
         Without `owner`: a request that was never stored (a unary call whose images must be served by URL) gets
-        its row. Image files are written, atomically each, under the row's lock and before the row points at
-        them."""
+        its row, under `tenant` (who may see it). Image files are written, atomically each, under the row's lock
+        and before the row points at them."""
         now = time.time()
         with self._tx() as cur:
             if owner is not None:
@@ -265,12 +266,12 @@ class SqlStore:
             if images:
                 self.results.write(request_id, images)
             cur.execute(self._sql(
-                """INSERT INTO requests (id, state, durable, request, created, finished, error, result, logs)
-                   VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?)
+                """INSERT INTO requests (id, state, durable, request, created, finished, error, result, logs, tenant)
+                   VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET state = excluded.state, finished = excluded.finished,
                        error = excluded.error, result = excluded.result, logs = excluded.logs,
                        lease_until = NULL"""),
-                (request_id, state, request, now, now, error, result, json.dumps(logs or [])),
+                (request_id, state, request, now, now, error, result, json.dumps(logs or []), tenant),
             )
         return state
 

@@ -102,6 +102,11 @@ class PixArtServicer(pb_grpc.PixArtServicer):
         metadata = dict(context.invocation_metadata() or ())
         return self.keys.tenant(metadata.get("authorization", ""))
 
+    def _viewer(self, context: grpc.aio.ServicerContext) -> str | None:
+        """Whose requests the call may see: its tenant's (None: all, for an admin key or a server without keys)."""
+        metadata = dict(context.invocation_metadata() or ())
+        return self.keys.viewer(metadata.get("authorization", ""))
+
     # -- translation of refusals -----------------------------------------------------------------------------
     async def _refused(self, exc: Exception, context: grpc.aio.ServicerContext) -> None:
         if isinstance(exc, InvalidRequest):
@@ -189,7 +194,7 @@ class PixArtServicer(pb_grpc.PixArtServicer):
 
     @_observed
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
-        found = await self.service.lookup(await self._request_id(request.request_id, context))
+        found = await self.service.lookup(await self._request_id(request.request_id, context), self._viewer(context))
         if found is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, NOT_FOUND_MESSAGE)
         out = pb.StatusResponse(request_id=found.request_id, state=pb.RequestState.Value(found.state))
@@ -205,7 +210,7 @@ class PixArtServicer(pb_grpc.PixArtServicer):
 
     @_observed
     async def Result(self, request: pb.RequestRef, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
-        found = await self.service.lookup(await self._request_id(request.request_id, context))
+        found = await self.service.lookup(await self._request_id(request.request_id, context), self._viewer(context))
         if found is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, NOT_FOUND_MESSAGE)
         if found.state != COMPLETED or found.row is None:
@@ -217,13 +222,13 @@ class PixArtServicer(pb_grpc.PixArtServicer):
     @_observed
     async def Cancel(self, request: pb.RequestRef, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         rid = await self._request_id(request.request_id, context)
-        outcome = await self.service.cancel(rid)
+        outcome = await self.service.cancel(rid, self._viewer(context))
         if outcome == "queued":
             return pb.CancelResponse(request_id=rid, outcome=pb.CANCELLED_WHILE_QUEUED, state=pb.CANCELED)
         if outcome == "running":
             return pb.CancelResponse(request_id=rid, outcome=pb.CANCELLATION_REQUESTED, state=pb.IN_PROGRESS)
         if outcome == "unknown":
             return pb.CancelResponse(request_id=rid, outcome=pb.NOT_FOUND)
-        found = await self.service.lookup(rid)
+        found = await self.service.lookup(rid, self._viewer(context))
         state = pb.RequestState.Value(found.state) if found is not None else pb.REQUEST_STATE_UNSPECIFIED
         return pb.CancelResponse(request_id=rid, outcome=pb.ALREADY_COMPLETED, state=state)

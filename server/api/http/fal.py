@@ -22,7 +22,8 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Awaitable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -86,6 +87,20 @@ def _integral(value: Any) -> Any:
 JSON_NAMES = {str: "a string", dict: "a {width, height} object", int: "an integer", bool: "a boolean"}
 
 
+class _Released(StreamingResponse):
+    """A stream that gives back what it holds (a key's place among its open streams) however it ends."""
+
+    def __init__(self, content: Any, release: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
 class ClientGone(Exception):
     """The caller closed the connection while its answer was being made."""
 
@@ -141,9 +156,12 @@ def _logs(lines: list[dict]) -> list[dict]:
 
 
 class FalApi:
-    def __init__(self, service: Requests, *, keys: ApiKeys, app_ids: list[str] = (), public_url: str | None = None):
-        self.service, self.keys, self.public_url = service, keys, public_url
+    def __init__(self, service: Requests, *, keys: ApiKeys, app_ids: list[str] = (), public_url: str | None = None,
+                 max_streams: int = 32):
+        """`max_streams`: status streams open at once per key (per client address where no keys are configured)."""
+        self.service, self.keys, self.public_url, self.max_streams = service, keys, public_url, max_streams
         self.app_ids = {DEFAULT_APP_ID, *app_ids}
+        self._streams: Counter[str] = Counter()
 
     # -- shared -----------------------------------------------------------------------------------------------
     def _base(self, request: Request) -> str:
@@ -168,6 +186,10 @@ class FalApi:
 
     def _tenant(self, request: Request) -> str:
         return self.keys.tenant(request.headers.get("authorization", ""))
+
+    def _viewer(self, request: Request) -> str | None:
+        """Whose requests the call may see (server/api/keys.py): another tenant's id is answered 404."""
+        return self.keys.viewer(request.headers.get("authorization", ""))
 
     @staticmethod
     def _answer(body: Any, status: int = 200, request_id: str = "") -> JSONResponse:
@@ -291,7 +313,7 @@ class FalApi:
         if (refused := self._refusal(request)) is not None:
             return "", None, refused
         rid = request.path_params["request_id"]
-        found = await self.service.lookup(rid) if is_request_id(rid) else None
+        found = await self.service.lookup(rid, self._viewer(request)) if is_request_id(rid) else None
         if found is None:
             return rid, None, JSONResponse({"detail": "Request not found"}, 404)
         return rid, found, None
@@ -309,12 +331,23 @@ class FalApi:
             return answer
         app_id = _app_id(request)
         with_logs = _with_logs(request)
+        viewer = self._viewer(request)
+        owner = self._tenant(request) or (request.client.host if request.client else "")
+        if self._streams[owner] >= self.max_streams:  # each open stream costs a store read a second at most
+            return _unavailable(f"at most {self.max_streams} open status streams per key; close one, or poll "
+                                "the status", 429)
+        self._streams[owner] += 1
+
+        def release() -> None:
+            self._streams[owner] -= 1
+            if self._streams[owner] <= 0:
+                del self._streams[owner]
 
         async def events():
             sent_logs, last, last_sent = 0, None, time.monotonic()
             while True:
                 try:
-                    found = await self.service.lookup(rid)
+                    found = await self.service.lookup(rid, viewer)
                 except StoreUnavailable:  # the store is away for a while: the stream waits it out, kept alive
                     if time.monotonic() - last_sent >= KEEPALIVE_S:
                         last_sent = time.monotonic()
@@ -335,10 +368,10 @@ class FalApi:
                     yield ": keepalive\n\n"
                 if body["status"] == "COMPLETED":
                     return
-                await asyncio.sleep(0.1)
+                await self.service.changed(rid)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"x-fal-request-id": rid, "Cache-Control": "no-cache"})
+        return _Released(events(), release, media_type="text/event-stream",
+                         headers={"x-fal-request-id": rid, "Cache-Control": "no-cache"})
 
     async def result(self, request: Request) -> Response:
         rid, found, answer = await self._found(request)
@@ -353,7 +386,7 @@ class FalApi:
         rid, found, answer = await self._found(request)
         if answer is not None:
             return self._answer({"status": "NOT_FOUND"}, 404) if answer.status_code == 404 else answer
-        outcome = await self.service.cancel(rid)
+        outcome = await self.service.cancel(rid, self._viewer(request))
         if outcome in ("queued", "running"):
             return self._answer({"status": "CANCELLATION_REQUESTED"}, 202, rid)
         if outcome == "ended":

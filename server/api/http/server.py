@@ -55,11 +55,11 @@ def build_app(
     healthy: Callable[[], bool],
     render_metrics: Callable[[], bytes] | None = None,
     signer: ResultSigner | None = None,
-    result_file: Callable[[str, str], Awaitable[Path | str | None]] | None = None,
+    result_file: Callable[[str, str, str | None], Awaitable[Path | str | None]] | None = None,
 ) -> FastAPI:
     """The routes this port serves: /healthz; /metrics (when `render_metrics`); results (when `signer`: `result_file`
-    gives a file to send, a URL to redirect to, or None); /openapi.json, which describes them all. HTTP transports
-    add their own routes to it."""
+    gives a file to send, a URL to redirect to, or None, for a request of the given tenant, or with None anyone's);
+    /openapi.json, which describes them all. HTTP transports add their own routes to it."""
 
     async def result(request: Request) -> Response:
         request_id, file_name = request.path_params["request_id"], request.path_params["file_name"]
@@ -67,10 +67,12 @@ def build_app(
             return PlainTextResponse("not found\n", 404)
         query = request.query_params
         signed = signer.valid(request_id, file_name, query.get("expires", ""), query.get("signature", ""))
-        if not (signed or keys.proves(request.headers.get("authorization", ""))):
+        authorization = request.headers.get("authorization", "")
+        if not (signed or keys.proves(authorization)):
             return PlainTextResponse("a valid signature (or, where keys are configured, an API key) is required\n",
                                      403 if "signature" in query or not keys.required else 401)
-        path = await result_file(request_id, file_name)
+        # a signed URL opens its one file for whoever holds it; a key opens its own tenant's requests only
+        path = await result_file(request_id, file_name, None if signed else keys.viewer(authorization))
         if path is None:
             return PlainTextResponse("not found\n", 404)
         if isinstance(path, str):  # a presigned URL carries its own expiry: nothing here may cache the redirect

@@ -3,6 +3,7 @@ core does behind it. (fal's own clients against a real server: tests/acceptance/
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -54,13 +55,16 @@ class FakeRequests:
         self.submitted.append((request, webhook_url, origin))
         return RID, 3
 
-    async def lookup(self, request_id):
+    async def lookup(self, request_id, viewer=None):
         if request_id == BROKEN:
             raise RuntimeError("lost /var/lib/pixart/secret.db")
         return self.found.get(request_id)
 
-    async def cancel(self, request_id):
+    async def cancel(self, request_id, viewer=None):
         return self.cancels.get(request_id, "unknown")
+
+    async def changed(self, request_id):
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -126,7 +130,7 @@ def test_submit_refusals(http, service) -> None:
 
 
 def test_a_store_that_cannot_be_reached_answers_503_with_retry_after(http, service, monkeypatch) -> None:
-    async def away(request_id):
+    async def away(request_id, viewer=None):
         raise StoreUnavailable("the database cannot be reached now (down or restarting); retry later")
 
     monkeypatch.setattr(service, "lookup", away)
@@ -139,7 +143,7 @@ def test_a_store_that_cannot_be_reached_answers_503_with_retry_after(http, servi
 def test_a_status_stream_waits_out_a_store_that_goes_away(http, service, monkeypatch) -> None:
     answers = [Lookup(RID, IN_QUEUE, queue_position=1), StoreUnavailable("away"), Lookup(RID, COMPLETED)]
 
-    async def lookup(request_id):
+    async def lookup(request_id, viewer=None):
         answer = answers.pop(0) if len(answers) > 1 else answers[0]
         if isinstance(answer, Exception):
             raise answer
@@ -202,7 +206,7 @@ def test_results_need_a_valid_signature_or_the_key(tmp_path) -> None:
     picture.write_bytes(b"\x89PNG...")
     signer = ResultSigner(b"s" * 32, 60)
 
-    async def result_file(request_id: str, file_name: str) -> Path | None:
+    async def result_file(request_id: str, file_name: str, viewer: str | None) -> Path | None:
         return picture if (request_id, file_name) == (RID, "image_0.png") else None
 
     def client(keys: list[str]) -> TestClient:
@@ -250,7 +254,7 @@ def test_named_keys_from_a_file_give_each_call_its_tenant(tmp_path) -> None:
     assert keys.tenant("Key nobody") == "" and ApiKeys().tenant("Key anyone") == ""
     assert not keys.allows("Key ²é☃" * 10)  # any bytes are hashed: nothing raises on a non-ASCII key
     path.write_text("alice bob key-with-three-fields\n")
-    with pytest.raises(ValueError, match=r"keys:1: limits are max_active=N and rate=R") as bad:
+    with pytest.raises(ValueError, match=r"keys:1: options are max_active=N and rate=R") as bad:
         load_keys(keys_file=str(path))
     assert "key-with-three-fields" not in str(bad.value) and "bob" not in str(bad.value)
     path.write_text("team-x k1 max_active=2 rate=0.5\nteam-x k2\n")
@@ -258,6 +262,10 @@ def test_named_keys_from_a_file_give_each_call_its_tenant(tmp_path) -> None:
     assert limited.tenant("Key k2") == "team-x" and (limited.limits("team-x").max_active,
                                                       limited.limits("team-x").rate) == (2, 0.5)
     assert limited.limits("other") == limited.limits("")  # unlimited
+    path.write_text("ops k-ops admin\nteam-x k-x rate=2\n")
+    owned = ApiKeys(load_keys(keys_file=str(path)))
+    assert [owned.viewer(f"Key {k}") for k in ("k-ops", "k-x")] == [None, "team-x"]  # an admin sees every tenant
+    assert owned.viewer("Key nobody") not in (None, "", "team-x") and ApiKeys().viewer("") is None
 
 
 def test_the_port_answers_without_waiting_for_delayed_acks() -> None:
