@@ -133,14 +133,14 @@ async def serve(config: ServerConfig) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .observability.logs import setup_logging
-    from .storage import SchemaTooNew
+    from .storage import SchemaTooNew, StoreUnavailable
     from .storage.s3 import ResultsUnavailable
 
     setup_logging(args.log_level, args.log_format == "json")
 
     try:
         asyncio.run(serve(config_from_args(args)))
-    except (SchemaTooNew, ResultsUnavailable, ProviderUnavailable) as exc:  # refuse clearly at startup
+    except (SchemaTooNew, StoreUnavailable, ResultsUnavailable, ProviderUnavailable) as exc:  # refuse clearly
         raise SystemExit(f"error: {exc}") from None
     return 0
 

@@ -65,11 +65,16 @@ class SqliteStore(SqlStore):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.results = results if results is not None else FolderResults(self.folder / "results")
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.folder / "requests.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: an acknowledged Submit must survive power loss too, not only a killed process
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SQLITE_SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.folder / "requests.sqlite3", check_same_thread=False,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: an acknowledged Submit must survive power loss too, not only a killed process
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SQLITE_SCHEMA)
+        except sqlite3.OperationalError as exc:  # a read-only or full folder, a database locked past the timeout
+            raise StoreUnavailable(f"the store's database in {self.folder} cannot be opened for writing: "
+                                   f"{str(exc)[:200]} (is the folder writable, with space left?)") from exc
         self._migrate()
 
     def _migrate(self) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import http.client
 import os
-import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,24 +26,12 @@ from server.client import Client, PixArtError
 from server.storage import SqliteStore
 from server.storage import results as results_module
 from tests.support import s3server
+from tests.support.mounts import mount_tmpfs, remount, umount
 from tests.support.servers import ServerProcess, ServerThread, config, health, metric, metrics_text, wait_for
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 WORK = dict(num_inference_steps=2, num_images=2, image_size=(256, 256), sync_mode=False)
-
-
-def _mount_tmpfs(folder: Path, size: str) -> bool:
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                              capture_output=True).returncode == 0
-    except FileNotFoundError:  # no mount(8) here
-        return False
-
-
-def _umount(folder: Path) -> None:
-    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def _failed_with(client: Client, rid: str, words: str) -> pb.StatusResponse:
@@ -64,10 +51,10 @@ def _assert_serving_after(client: Client, address: str) -> None:
                                               ("read-only", "Read-only file system")])
 def test_a_full_or_read_only_results_folder_fails_the_request_clearly(tmp_path, monkeypatch, fault, words) -> None:
     results = tmp_path / "results"
-    if _mount_tmpfs(results, "64k"):  # real: a small filesystem, full after one image, or remounted read-only
+    if mount_tmpfs(results, "64k"):  # real: a small filesystem, full after one image, or remounted read-only
         try:
             if fault == "read-only":
-                subprocess.run(["mount", "-o", "remount,ro", str(results)], check=True)
+                remount(results, "ro")
             else:  # filled to the last block, so that even a tiny image does not fit
                 with pytest.raises(OSError), open(results / "filler", "wb") as f:
                     f.write(b"\0" * (1 << 20))
@@ -78,7 +65,7 @@ def test_a_full_or_read_only_results_folder_fails_the_request_clearly(tmp_path, 
             finally:
                 srv.close()
         finally:
-            _umount(results)
+            umount(results)
         return
     # injected: this machine cannot mount (not root, or no CAP_SYS_ADMIN): the results layer's own file operations
     # fail as that filesystem's would, so the write goes through its real error handling

@@ -13,6 +13,7 @@ import pytest
 from server import storage as st
 from server.storage import SchemaTooNew, SqliteStore, StoreUnavailable, new_request_id, open_store
 from server.storage import sqlite as sqlite_backend
+from tests.support.mounts import umount
 from tests.support.postgres import new_database
 
 pytestmark = pytest.mark.timeout(120)
@@ -205,8 +206,7 @@ def test_unary_results_expiry_and_secrets(store) -> None:
 
 def test_a_sqlite_store_locked_by_another_process_answers_store_unavailable(tmp_path) -> None:
     """Past SQLite's busy timeout (5 s) a locked database is StoreUnavailable (the transports' UNAVAILABLE / 503),
-    nothing committed; the store works again once the lock is gone. (A read-only folder cannot be simulated for
-    the root user these tests may run as: permissions do not bind it.)"""
+    nothing committed; the store works again once the lock is gone."""
     store = open_store(tmp_path / "store")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
@@ -224,6 +224,24 @@ def test_a_sqlite_store_locked_by_another_process_answers_store_unavailable(tmp_
     store.add(rid, REQUEST, "")
     assert store.get(rid).state == st.IN_QUEUE
     store.close()
+
+
+def test_a_sqlite_store_in_a_read_only_folder_is_refused_with_a_clear_error(tmp_path) -> None:
+    """The folder read-only (a read-only bind mount: permissions do not bind the root user these tests may run
+    as): StoreUnavailable naming the folder, not SQLite's bare "unable to open database file". A folder cannot be
+    remounted read-only under a running store, which holds its database open for writing (the kernel refuses:
+    busy); the locked database above is that case's equivalent."""
+    real, view = tmp_path / "real", tmp_path / "view"
+    open_store(real).close()
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", str(real), str(view)], capture_output=True).returncode != 0:
+        pytest.skip("this machine cannot bind-mount (needs root): the read-only folder is not tested here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True, capture_output=True)
+        with pytest.raises(StoreUnavailable, match=rf"database in {view} cannot be opened for writing: .*writable"):
+            open_store(view)
+    finally:
+        umount(view)
 
 
 def test_schema_versions(store, tmp_path) -> None:
