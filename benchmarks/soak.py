@@ -24,6 +24,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.common.machine import machine_info
 from benchmarks.common.paths import RESULTS
 from benchmarks.common.report import write_report
@@ -167,18 +169,33 @@ def growth(first: float, last: float) -> float:
     return (last - first) / first if first else 0.0
 
 
+WINDOW = 5  # samples whose median is a start or an end: one sample swings by megabytes with the requests in flight
+
+
+def per_replica(samples: list[dict]) -> dict:
+    """Each replica's resources: start and end as medians of the first and last WINDOW samples, their growth, and
+    the fitted trend per minute over the whole measured time."""
+    out = {}
+    for pid in samples[0]["replicas"]:
+        minutes = np.array([s["t_s"] for s in samples]) / 60
+        out[str(pid)] = {}
+        for k in samples[0]["replicas"][pid]:
+            values = np.array([s["replicas"][pid][k] for s in samples], dtype=float)
+            a, b = float(np.median(values[:WINDOW])), float(np.median(values[-WINDOW:]))
+            trend = float(np.polyfit(minutes, values, 1)[0]) if len(values) > 1 else 0.0
+            out[str(pid)][k] = {"start": a, "end": b, "growth": round(growth(a, b), 4),
+                                "per_minute": round(trend, 3)}
+    return out
+
+
 def report(samples: list[dict], traffic: Traffic, minutes: float, warmup: float, workers: int, steps: int,
            text_cache_mb: float) -> dict:
     first, last = samples[0], samples[-1]
-    per_replica = {}
-    for pid in first["replicas"]:
-        a, b = first["replicas"][pid], last["replicas"][pid]
-        per_replica[str(pid)] = {k: {"start": a[k], "end": b[k], "growth": round(growth(a[k], b[k]), 4)} for k in a}
     return {
         "settings": {"minutes": minutes, "warmup_minutes": warmup, "workers": workers, "steps": steps,
                      "text_cache_mb": text_cache_mb},
         "machine": machine_info(), "done": dict(traffic.done), "errors": dict(traffic.errors),
-        "replicas": per_replica,
+        "replicas": per_replica(samples),
         "database_connections": {"start": first["database_connections"], "end": last["database_connections"]},
         "samples": samples,
     }
@@ -191,10 +208,12 @@ def markdown(r: dict, command: str) -> str:
              f"--text-cache-mb {s['text_cache_mb']:g}",
              "", f"Done: {', '.join(f'{k} {v}' for k, v in sorted(r['done'].items()))}; errors: "
              f"{sum(r['errors'].values())}" + "".join(f"\n- {k}: {v}" for k, v in r["errors"].items()), "",
-             "| replica | resident memory (KiB) | open files | threads |", "|---|---|---|---|"]
+             f"Start and end are medians of the first and last {WINDOW} samples; the trend is fitted over all.", "",
+             "| replica | resident memory (KiB) | its trend | open files | threads |", "|---|---|---|---|---|"]
     for name, (pid, m) in zip("ab", r["replicas"].items(), strict=False):
-        cells = [f"{m[k]['start']} → {m[k]['end']} ({m[k]['growth']:+.1%})"
+        cells = [f"{m[k]['start']:.0f} → {m[k]['end']:.0f} ({m[k]['growth']:+.1%})"
                  for k in ("rss_kib", "open_files", "threads")]
+        cells.insert(1, f"{m['rss_kib']['per_minute'] / 1024:+.2f} MB/min")
         lines.append(f"| {name} (pid {pid}) | " + " | ".join(cells) + " |")
     db = r["database_connections"]
     lines += ["", f"Database connections: {db['start']} → {db['end']}.", "", f"Made by `{command}`."]
