@@ -46,6 +46,7 @@ class Generation:
     cache: StepCache | None = None  # None: every row computes every step
     steps_computed: int = 0  # row-steps run through the transformer
     steps_cached: int = 0  # row-steps taken from the step cache
+    preview: np.ndarray | None = None  # (C, h, w): the first image's data estimate x0, when a preview is due
 
     @property
     def guided(self) -> bool:
@@ -190,6 +191,12 @@ def gather_rows(rows: Sequence[Row], *, pad: bool = False) -> tuple[np.ndarray, 
     return x, t, context, mask
 
 
+def preview_due(g: Generation) -> bool:
+    """Every `preview_every` steps, counting from 1; never on the last step (the image itself comes next)."""
+    every = g.request.preview_every
+    return bool(every) and (g.step_index + 1) % every == 0 and g.step_index + 1 < g.total_steps
+
+
 def advance(generations: Sequence[Generation], noise_pred: np.ndarray, latent_channels: int,
             computing: Sequence[bool] | None = None, body_cached: Sequence[bool] | None = None) -> None:
     """Each generation takes its rows' model outputs (the computed rows of the batch's noise prediction, in order;
@@ -226,6 +233,10 @@ def advance(generations: Sequence[Generation], noise_pred: np.ndarray, latent_ch
         if g.guided:
             uncond = np.stack(outputs[id(g), 1])
             eps = uncond + np.float32(g.request.guidance_scale) * (eps - uncond)
+        if preview_due(g):  # what the sampler takes as the clean picture now, before it moves on
+            to_data, _ = data_conversions(float(g.sampler.sigmas[g.step_index]),
+                                          g.sampler.config.get("prediction_type", "epsilon"))
+            g.preview = to_data(g.latents[0], eps[0])
         noise = g.rng.standard_normal(g.latents.shape, dtype=np.float32) if g.sampler.needs_noise else None
         g.latents = g.sampler.step(eps, g.latents, noise)
         g.step_index += 1

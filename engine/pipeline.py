@@ -41,6 +41,7 @@ from engine.generation import (
 from engine.images import checked_vae_tile, decode_latents, encode_image
 from engine.manifest import Manifest
 from engine.positions import sincos_pos_embed
+from engine.preview import PreviewMap
 from engine.request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest
 from engine.resolution import classify_bin, resize_and_crop, to_uint8
 from engine.runtime import Acceleration, default_providers, release_freed_memory, shape_profiles, shrink_after_runs
@@ -144,7 +145,6 @@ class Engine:
         return cls(export_dir, providers, **options)
 
     # ---- loading: the steps of __init__ ---------------------------------------------------------------------
-
     def _read_model_config(self) -> None:
         """The model's dimensions, bins and constants, from the manifest."""
         tr = self.manifest["transformer"]
@@ -159,6 +159,7 @@ class Engine:
         self.pos_geometry = (float(tr["pos_embed"]["base_size"]), float(tr["pos_embed"]["interpolation_scale"]))
         self.vae_scaling_factor = float(self.manifest["vae"]["scaling_factor"])
         self.scheduler_config = self.manifest["scheduler"]["config"]
+        self.preview_map = PreviewMap.from_manifest(self.manifest.get("preview"))  # None: exported before previews
 
     def tensorrt_profiles(self, max_rows: int, cuda_graphs: bool = False) -> dict[str, dict]:
         """TensorRT's optimization profiles: every bin, up to `max_rows` rows and the longest text; with CUDA graphs
@@ -226,12 +227,13 @@ class Engine:
             raise RuntimeError("the engine is closed")
 
     # ---- requests -------------------------------------------------------------------------------------------
-
     def violations(self, request: GenerationRequest) -> list[tuple[str, str]]:
         """Every bad field as (field, rule), the engine's own rules included, whatever else is wrong."""
         violations = request.violations()
         if request.enable_safety_checker is True and not self.has_safety_checker:
             violations.append(("enable_safety_checker", "this engine was exported without a safety checker"))
+        if request.preview_every and self.preview_map is None:
+            violations.append(("preview_every", "this export has no preview map: export it again (pixart export)"))
         if request.latents is not None and not violations:
             h, w = self.binned_size(request)
             want = (request.num_images, self.latent_channels, h // self.vae_scale, w // self.vae_scale)
@@ -267,7 +269,6 @@ class Engine:
                                 self.caption_channels)
 
     # ---- the three stages -----------------------------------------------------------------------------------
-
     def prepare(self, request: GenerationRequest) -> Generation:
         """Validate, encode the texts (through the cache), draw the seed's latents and set up the sampler."""
         started = time.perf_counter()
@@ -326,6 +327,11 @@ class Engine:
                                             split=prompt_rows_of(rows)) if rows else None
         advance(generations, noise_pred, self.latent_channels, computing)
 
+    def preview(self, generation: Generation) -> bytes | None:
+        """The preview a step left due (engine/preview.py), as JPEG bytes, once; None when none is due."""
+        x0, generation.preview = generation.preview, None
+        return self.preview_map.render(x0) if x0 is not None and self.preview_map is not None else None
+
     def finish(self, generations: Sequence[Generation]) -> list[GenerationResult]:
         """Decode, resize and crop back to the requested size, run the safety checker, encode the images."""
         self._check_open()
@@ -352,7 +358,6 @@ class Engine:
         return results
 
     # ---- whole requests: thin loops over the stages ---------------------------------------------------------
-
     def generate(
         self,
         request: GenerationRequest,
@@ -387,12 +392,9 @@ class Engine:
         return [results[i] for i in range(len(requests))]
 
     # ---- pieces of the stages -------------------------------------------------------------------------------
-
     def encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """T5 last hidden states (B, L, C) and the int64 mask for preprocessed texts, L = the texts' length bucket.
-
-        Texts already in the cache are not encoded again (the default empty negative prompt, repeated prompts).
-        """
+        """T5 last hidden states (B, L, C) and the int64 mask for preprocessed texts, L = the texts' length bucket;
+        texts already in the cache are not encoded again (the default empty negative prompt, repeated prompts)."""
         self._check_open()
         return encode_texts(texts, self.tokenizer, self.text_cache, self._run_text_encoder,
                             max_length=self.max_sequence_length, trim=self.trim_text)

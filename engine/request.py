@@ -62,6 +62,8 @@ class GenerationRequest:
     clean_caption: bool = True  # diffusers' default; off only to compare with pipelines that skip it
     # "off" (exact), "balanced" or "fast" (engine/step_cache.py); None: the engine's default (Engine(step_cache=))
     step_cache: str | None = None
+    # a preview of the first image every this many steps (0: none): the data estimate drawn without the VAE
+    preview_every: int = 0
     # Explicit initial latents (num_images, 4, H/8, W/8) at the binned size, for parity tests.
     latents: np.ndarray | None = field(default=None, compare=False, repr=False)
 
@@ -117,6 +119,8 @@ class GenerationRequest:
                 v.append((name, "must be a boolean"))
         if self.output_format not in OUTPUT_FORMATS:
             v.append(("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}"))
+        if not _is_int(self.preview_every) or not 0 <= self.preview_every <= MAX_STEPS:
+            v.append(("preview_every", f"must be an integer from 0 (no previews) to {MAX_STEPS}"))
         if self.step_cache is not None and self.step_cache not in STEP_CACHE_MODES:
             v.append(("step_cache", f"must be one of {', '.join(STEP_CACHE_MODES)}"))
         return v

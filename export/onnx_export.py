@@ -28,6 +28,7 @@ from export.graphs.vae import export_vae_decoder
 from export.onnx_io import OPSET
 from export.optimize import QUANTIZATIONS, WeightOnly, fuse, fuse_attention_file, quantize_int8, quantize_weights
 from export.precision import HALF, T5_HALF, half_copy
+from export.preview import fit_preview
 from export.tokenizer import tokenizer_json_for
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def export_model(
         advance("safety checker")
     manifest = build_manifest(model, c, files, variants, fusions, checker, precision_notes,
                               time.perf_counter() - started)
+    manifest["preview"] = fit_preview(c["vae"])  # the live previews' latent -> RGB map (export/preview.py)
     manifest["text_encoder"]["precision"] = text_encoder_precision
     if head_blocks is not None:
         manifest["transformer"]["head_blocks"] = head_blocks

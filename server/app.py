@@ -26,6 +26,8 @@ from server.api.grpc.servicer import PixArtServicer
 from server.api.http.fal import FalApi
 from server.api.http.fal_routes import mount as mount_fal
 from server.api.http.guard import ConnectionGuard, ConnectionLimits
+from server.api.http.openai import OpenAIApi
+from server.api.http.openai import mount as mount_openai
 from server.api.http.server import HttpServer, build_app
 from server.api.keys import ApiKeys, load_keys
 from server.config import ServerConfig
@@ -98,6 +100,7 @@ class App:
                             result_file=self._servable, render_metrics=None if cfg.metrics_address
                             else self.metrics.render)
             mount_fal(self.fal, app)
+            mount_openai(OpenAIApi(self.service, keys=self.keys, app_ids=set(self.fal.app_ids)), app)
             tls = cfg.tls or (None, None)
             self.http = HttpServer(app, cfg.host, cfg.http_port, guard=self._http_guard(), tls_cert=tls[0],
                                    tls_key=tls[1])

@@ -1,4 +1,5 @@
-"""API keys: `Authorization: Key <key>` (an HTTP header, or gRPC metadata), checked in one place for every port.
+"""API keys: `Authorization: Key <key>` or `Bearer <key>` (an HTTP header, or gRPC metadata), checked in one place
+for every port.
 
 Each key has a name, which is what logs, metrics and the store record of a request (its tenant), never the key. Only
 a key's SHA-256 is kept; a presented key is hashed and compared with hmac.compare_digest against every configured
@@ -86,9 +87,11 @@ def load_keys(keys: Iterable[str] = (), keys_file: str | None = None, env: str =
 
 
 def presented_key(authorization: str) -> str:
-    """The key in an `authorization: Key <key>` value, or ""."""
-    if isinstance(authorization, str) and authorization.startswith("Key "):
-        return authorization[4:].strip()
+    """The key in an `authorization: Key <key>` value (fal's clients) or `Bearer <key>` (OpenAI's), or ""."""
+    if isinstance(authorization, str):
+        for scheme in ("Key ", "Bearer "):
+            if authorization.startswith(scheme):
+                return authorization[len(scheme):].strip()
     return ""
 
 

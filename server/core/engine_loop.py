@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from engine.request import Cancelled, GenerationRequest, GenerationResult
 
 from .scheduler import ExecutionOutput, Scheduler, SchedulerOutput
-from .work import Done, Logged, Stepped, Update, WorkItem, log_line
+from .work import Done, Logged, Previewed, Stepped, Update, WorkItem, log_line
 
 log = logging.getLogger("pixart.server.engine_loop")
 
@@ -43,6 +43,8 @@ class Engine(Protocol):
     def step(self, generations: Sequence[Any]) -> None: ...
 
     def finish(self, generations: Sequence[Any]) -> list[GenerationResult]: ...
+
+    def preview(self, generation: Any) -> bytes | None: ...
 
     def warmup(self) -> None: ...
 
@@ -242,6 +244,8 @@ class EngineLoop:
         for item in rows:
             g = item.generation
             self.report(ItemEvent(item, Stepped(g.step_index, g.total_steps)))
+            if item.request.preview_every and (picture := self.engine.preview(g)) is not None:
+                self.report(ItemEvent(item, Previewed(g.step_index, g.total_steps, picture)))
             if g.done:
                 out.done.append(item)
         return out

@@ -29,7 +29,18 @@ from server.storage.states import State
 
 from . import records
 from .engine_loop import Batched, Event, ItemEvent, Queue, Started
-from .work import Done, Logged, Queued, ShutdownAbort, Stepped, Update, WorkItem, final_state, log_line
+from .work import (
+    Done,
+    Logged,
+    Previewed,
+    Queued,
+    ShutdownAbort,
+    Stepped,
+    Update,
+    WorkItem,
+    final_state,
+    log_line,
+)
 
 log = logging.getLogger("pixart.server")
 RECORD_RETRY_S = (0.5, 10.0)  # first and longest wait between attempts to record an outcome while the store is away
@@ -94,6 +105,8 @@ class Outputs:
                 return
             if isinstance(update, Stepped):
                 item.progress = (update.step, update.total)
+            elif isinstance(update, Previewed):
+                item.preview = update
             elif isinstance(update, Logged):
                 item.logs.append(update.line)
             self._publish(item, update)

@@ -68,7 +68,7 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
     """Translate without judging: the result may be invalid; call validate()/engine.check() on it."""
     kw: dict = {}
     for name in ("negative_prompt", "num_inference_steps", "guidance_scale", "seed", "num_images",
-                 "enable_safety_checker", "sync_mode"):
+                 "enable_safety_checker", "sync_mode", "preview_every"):
         if msg.HasField(name):
             kw[name] = getattr(msg, name)
     which = msg.WhichOneof("image_size")
@@ -106,6 +106,8 @@ def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
         msg.seed = int(req.seed)
     if req.step_cache is not None:
         msg.step_cache = STEP_CACHE_NUMBERS[req.step_cache]
+    if req.preview_every:
+        msg.preview_every = int(req.preview_every)
     if isinstance(req.image_size, str):
         msg.image_size_preset = IMAGE_SIZE_NUMBERS[req.image_size]
     else:

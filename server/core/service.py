@@ -37,7 +37,7 @@ from .deliveries import WebhookDeliveries
 from .engine_loop import EngineLoop
 from .links import ResultLinks
 from .outputs import Outputs
-from .work import Done, Draining, Limits, QueueFull, TenantLimit, Unavailable, Update, WorkItem, log_line
+from .work import Done, Draining, Limits, Previewed, QueueFull, TenantLimit, Unavailable, Update, WorkItem, log_line
 
 log = logging.getLogger("pixart.server")
 LOADING = "the engine is still loading; retry shortly"
@@ -58,6 +58,7 @@ class Lookup:
     logs: list[dict] = field(default_factory=list)
     error: status_pb2.Status | None = None
     row: Row | None = None  # the stored row, once it has ended (its result and files)
+    preview: Previewed | None = None  # the latest preview, while it runs on this replica
 
 
 class Requests(Protocol):
@@ -255,7 +256,8 @@ class RequestService:
             return None
         if item is not None and item.state in (IN_QUEUE, IN_PROGRESS):
             position = self.loop.position(item) if item.state == IN_QUEUE and self.loop is not None else None
-            return Lookup(item.id, str(item.state), position or 0, item.progress, list(item.logs))
+            return Lookup(item.id, str(item.state), position or 0, item.progress, list(item.logs),
+                          preview=item.preview)
         row = await asyncio.to_thread(self.store.get, request_id)
         if row is None or not _visible(row.tenant, viewer):
             return None

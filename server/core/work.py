@@ -73,6 +73,7 @@ class WorkItem:
     tenant: str = ""  # who submitted it (an API key's name): admission takes turns between tenants
     progress: tuple[int, int] = (0, 0)
     logs: list[dict] = field(default_factory=list)
+    preview: Previewed | None = None  # the latest, while it runs here (status streams show it)
     outcome: GenerationResult | BaseException | None = None
     generation: Any = None  # the engine's state while it runs
 
@@ -119,6 +120,15 @@ class Stepped:
 
 
 @dataclass(frozen=True)
+class Previewed:
+    """A preview of the first image after `step` of `total` (engine/preview.py): JPEG bytes."""
+
+    step: int
+    total: int
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Logged:
     line: dict
 
@@ -128,4 +138,4 @@ class Done:
     outcome: GenerationResult | BaseException
 
 
-Update = Queued | Stepped | Logged | Done
+Update = Queued | Stepped | Previewed | Logged | Done

@@ -64,6 +64,15 @@ class FakeEngine:
                                  g.request.seed or 0, g.request.prompt, [False] * g.request.num_images,
                                  {"total": 0.001}) for g in generations]
 
+    def preview(self, g):
+        """A tiny JPEG every preview_every steps (not after the last), as the engine draws one."""
+        every = g.request.preview_every
+        if not every or g.step_index % every or g.step_index >= g.total_steps:
+            return None
+        out = io.BytesIO()
+        Image.new("RGB", (8, 8), (g.step_index * 7 % 256, 64, 128)).save(out, "JPEG")
+        return out.getvalue()
+
     def warmup(self):
         pass
 

@@ -25,57 +25,59 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/pixart/v1/pixart.proto\x12\tpixart.v1\x1a\x17google/rpc/status.proto\"I\n\tImageSize\x12\x12\n\x05width\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06_widthB\t\n\x07_height\"\x83\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x1f\n\x05style\x18\x03 \x01(\x0e\x32\x10.pixart.v1.Style\x12\x37\n\x11image_size_preset\x18\x04 \x01(\x0e\x32\x1a.pixart.v1.ImageSizePresetH\x00\x12\x31\n\x11image_size_custom\x18\x05 \x01(\x0b\x32\x14.pixart.v1.ImageSizeH\x00\x12 \n\x13num_inference_steps\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\'\n\tscheduler\x18\x07 \x01(\x0e\x32\x14.pixart.v1.Scheduler\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nnum_images\x18\n \x01(\x05H\x05\x88\x01\x01\x12\"\n\x15\x65nable_safety_checker\x18\x0b \x01(\x08H\x06\x88\x01\x01\x12\x16\n\tsync_mode\x18\x0c \x01(\x08H\x07\x88\x01\x01\x12.\n\routput_format\x18\r \x01(\x0e\x32\x17.pixart.v1.OutputFormat\x12(\n\nstep_cache\x18\x0e \x01(\x0e\x32\x14.pixart.v1.StepCacheB\x0c\n\nimage_sizeB\x12\n\x10_negative_promptB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_imagesB\x18\n\x16_enable_safety_checkerB\x0c\n\n_sync_mode\"\x82\x01\n\x05Image\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x11\n\tfile_name\x18\x03 \x01(\t\x12\x11\n\tfile_size\x18\x04 \x01(\x03\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x11\n\tfile_data\x18\x07 \x01(\x0c\"\xb9\x01\n\x07Timings\x12\r\n\x05queue\x18\x01 \x01(\x01\x12\x15\n\rtext_encoding\x18\x02 \x01(\x01\x12\x11\n\tdenoising\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63oding\x18\x04 \x01(\x01\x12\x0e\n\x06safety\x18\x05 \x01(\x01\x12\x16\n\x0eimage_encoding\x18\x06 \x01(\x01\x12\r\n\x05total\x18\x07 \x01(\x01\x12\x16\n\x0esteps_computed\x18\x08 \x01(\x03\x12\x14\n\x0csteps_cached\x18\t \x01(\x03\"\xa4\x01\n\x0eGenerateResult\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.pixart.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x19\n\x11has_nsfw_concepts\x18\x04 \x03(\x08\x12#\n\x07timings\x18\x05 \x01(\x0b\x32\x12.pixart.v1.Timings\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"<\n\x07LogLine\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\"!\n\rQueuePosition\x12\x10\n\x08position\x18\x01 \x01(\x05\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"\xf6\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06queued\x18\x02 \x01(\x0b\x32\x18.pixart.v1.QueuePositionH\x00\x12\'\n\x08progress\x18\x03 \x01(\x0b\x32\x13.pixart.v1.ProgressH\x00\x12!\n\x03log\x18\x04 \x01(\x0b\x32\x12.pixart.v1.LogLineH\x00\x12+\n\x06result\x18\x05 \x01(\x0b\x32\x19.pixart.v1.GenerateResultH\x00\x12#\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x07\n\x05\x65vent\"Q\n\rSubmitRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.pixart.v1.GenerateRequest\x12\x13\n\x0bwebhook_url\x18\x02 \x01(\t\"<\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\x05\" \n\nRequestRef\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"1\n\rStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04logs\x18\x02 \x01(\x08\"\xd0\x01\n\x0eStatusResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.pixart.v1.RequestState\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\x12 \n\x04logs\x18\x04 \x03(\x0b\x32\x12.pixart.v1.LogLine\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12%\n\x08progress\x18\x06 \x01(\x0b\x32\x13.pixart.v1.Progress\"w\n\x0e\x43\x61ncelResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07outcome\x18\x02 \x01(\x0e\x32\x18.pixart.v1.CancelOutcome\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.pixart.v1.RequestState*\xec\x01\n\x05Style\x12\x15\n\x11STYLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTYLE_NO_STYLE\x10\x01\x12\x13\n\x0fSTYLE_CINEMATIC\x10\x02\x12\x16\n\x12STYLE_PHOTOGRAPHIC\x10\x03\x12\x0f\n\x0bSTYLE_ANIME\x10\x04\x12\x0f\n\x0bSTYLE_MANGA\x10\x05\x12\x15\n\x11STYLE_DIGITAL_ART\x10\x06\x12\x13\n\x0fSTYLE_PIXEL_ART\x10\x07\x12\x15\n\x11STYLE_FANTASY_ART\x10\x08\x12\x12\n\x0eSTYLE_NEONPUNK\x10\t\x12\x12\n\x0eSTYLE_3D_MODEL\x10\n*\x9b\x01\n\x0fImageSizePreset\x12!\n\x1dIMAGE_SIZE_PRESET_UNSPECIFIED\x10\x00\x12\r\n\tSQUARE_HD\x10\x01\x12\n\n\x06SQUARE\x10\x02\x12\x10\n\x0cPORTRAIT_4_3\x10\x03\x12\x11\n\rPORTRAIT_16_9\x10\x04\x12\x11\n\rLANDSCAPE_4_3\x10\x05\x12\x12\n\x0eLANDSCAPE_16_9\x10\x06*E\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x0e\n\nDPM_SOLVER\x10\x01\x12\r\n\tSA_SOLVER\x10\x02*J\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x07\n\x03PNG\x10\x01\x12\x08\n\x04JPEG\x10\x02\x12\x08\n\x04WEBP\x10\x03*i\n\tStepCache\x12\x1a\n\x16STEP_CACHE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTEP_CACHE_OFF\x10\x01\x12\x17\n\x13STEP_CACHE_BALANCED\x10\x02\x12\x13\n\x0fSTEP_CACHE_FAST\x10\x03*u\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08IN_QUEUE\x10\x01\x12\x0f\n\x0bIN_PROGRESS\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0c\n\x08\x43\x41NCELED\x10\x05*\x8d\x01\n\rCancelOutcome\x12\x1e\n\x1a\x43\x41NCEL_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41NCELLED_WHILE_QUEUED\x10\x01\x12\x1a\n\x16\x43\x41NCELLATION_REQUESTED\x10\x02\x12\x15\n\x11\x41LREADY_COMPLETED\x10\x03\x12\r\n\tNOT_FOUND\x10\x04\x32\x8b\x03\n\x06PixArt\x12\x41\n\x08Generate\x12\x1a.pixart.v1.GenerateRequest\x1a\x19.pixart.v1.GenerateResult\x12H\n\x0eGenerateStream\x12\x1a.pixart.v1.GenerateRequest\x1a\x18.pixart.v1.GenerateEvent0\x01\x12=\n\x06Submit\x12\x18.pixart.v1.SubmitRequest\x1a\x19.pixart.v1.SubmitResponse\x12=\n\x06Status\x12\x18.pixart.v1.StatusRequest\x1a\x19.pixart.v1.StatusResponse\x12:\n\x06Result\x12\x15.pixart.v1.RequestRef\x1a\x19.pixart.v1.GenerateResult\x12:\n\x06\x43\x61ncel\x12\x15.pixart.v1.RequestRef\x1a\x19.pixart.v1.CancelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/pixart/v1/pixart.proto\x12\tpixart.v1\x1a\x17google/rpc/status.proto\"I\n\tImageSize\x12\x12\n\x05width\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06_widthB\t\n\x07_height\"\xb1\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x1f\n\x05style\x18\x03 \x01(\x0e\x32\x10.pixart.v1.Style\x12\x37\n\x11image_size_preset\x18\x04 \x01(\x0e\x32\x1a.pixart.v1.ImageSizePresetH\x00\x12\x31\n\x11image_size_custom\x18\x05 \x01(\x0b\x32\x14.pixart.v1.ImageSizeH\x00\x12 \n\x13num_inference_steps\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\'\n\tscheduler\x18\x07 \x01(\x0e\x32\x14.pixart.v1.Scheduler\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nnum_images\x18\n \x01(\x05H\x05\x88\x01\x01\x12\"\n\x15\x65nable_safety_checker\x18\x0b \x01(\x08H\x06\x88\x01\x01\x12\x16\n\tsync_mode\x18\x0c \x01(\x08H\x07\x88\x01\x01\x12.\n\routput_format\x18\r \x01(\x0e\x32\x17.pixart.v1.OutputFormat\x12(\n\nstep_cache\x18\x0e \x01(\x0e\x32\x14.pixart.v1.StepCache\x12\x1a\n\rpreview_every\x18\x0f \x01(\x05H\x08\x88\x01\x01\x42\x0c\n\nimage_sizeB\x12\n\x10_negative_promptB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_imagesB\x18\n\x16_enable_safety_checkerB\x0c\n\n_sync_modeB\x10\n\x0e_preview_every\"\x82\x01\n\x05Image\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x11\n\tfile_name\x18\x03 \x01(\t\x12\x11\n\tfile_size\x18\x04 \x01(\x03\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x11\n\tfile_data\x18\x07 \x01(\x0c\"\xb9\x01\n\x07Timings\x12\r\n\x05queue\x18\x01 \x01(\x01\x12\x15\n\rtext_encoding\x18\x02 \x01(\x01\x12\x11\n\tdenoising\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63oding\x18\x04 \x01(\x01\x12\x0e\n\x06safety\x18\x05 \x01(\x01\x12\x16\n\x0eimage_encoding\x18\x06 \x01(\x01\x12\r\n\x05total\x18\x07 \x01(\x01\x12\x16\n\x0esteps_computed\x18\x08 \x01(\x03\x12\x14\n\x0csteps_cached\x18\t \x01(\x03\"\xa4\x01\n\x0eGenerateResult\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.pixart.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x19\n\x11has_nsfw_concepts\x18\x04 \x03(\x08\x12#\n\x07timings\x18\x05 \x01(\x0b\x32\x12.pixart.v1.Timings\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"<\n\x07LogLine\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\"!\n\rQueuePosition\x12\x10\n\x08position\x18\x01 \x01(\x05\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"P\n\x07Preview\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x9d\x02\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06queued\x18\x02 \x01(\x0b\x32\x18.pixart.v1.QueuePositionH\x00\x12\'\n\x08progress\x18\x03 \x01(\x0b\x32\x13.pixart.v1.ProgressH\x00\x12!\n\x03log\x18\x04 \x01(\x0b\x32\x12.pixart.v1.LogLineH\x00\x12+\n\x06result\x18\x05 \x01(\x0b\x32\x19.pixart.v1.GenerateResultH\x00\x12#\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12%\n\x07preview\x18\x07 \x01(\x0b\x32\x12.pixart.v1.PreviewH\x00\x42\x07\n\x05\x65vent\"Q\n\rSubmitRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.pixart.v1.GenerateRequest\x12\x13\n\x0bwebhook_url\x18\x02 \x01(\t\"<\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\x05\" \n\nRequestRef\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"1\n\rStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04logs\x18\x02 \x01(\x08\"\xd0\x01\n\x0eStatusResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.pixart.v1.RequestState\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\x12 \n\x04logs\x18\x04 \x03(\x0b\x32\x12.pixart.v1.LogLine\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12%\n\x08progress\x18\x06 \x01(\x0b\x32\x13.pixart.v1.Progress\"w\n\x0e\x43\x61ncelResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07outcome\x18\x02 \x01(\x0e\x32\x18.pixart.v1.CancelOutcome\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.pixart.v1.RequestState*\xec\x01\n\x05Style\x12\x15\n\x11STYLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTYLE_NO_STYLE\x10\x01\x12\x13\n\x0fSTYLE_CINEMATIC\x10\x02\x12\x16\n\x12STYLE_PHOTOGRAPHIC\x10\x03\x12\x0f\n\x0bSTYLE_ANIME\x10\x04\x12\x0f\n\x0bSTYLE_MANGA\x10\x05\x12\x15\n\x11STYLE_DIGITAL_ART\x10\x06\x12\x13\n\x0fSTYLE_PIXEL_ART\x10\x07\x12\x15\n\x11STYLE_FANTASY_ART\x10\x08\x12\x12\n\x0eSTYLE_NEONPUNK\x10\t\x12\x12\n\x0eSTYLE_3D_MODEL\x10\n*\x9b\x01\n\x0fImageSizePreset\x12!\n\x1dIMAGE_SIZE_PRESET_UNSPECIFIED\x10\x00\x12\r\n\tSQUARE_HD\x10\x01\x12\n\n\x06SQUARE\x10\x02\x12\x10\n\x0cPORTRAIT_4_3\x10\x03\x12\x11\n\rPORTRAIT_16_9\x10\x04\x12\x11\n\rLANDSCAPE_4_3\x10\x05\x12\x12\n\x0eLANDSCAPE_16_9\x10\x06*E\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x0e\n\nDPM_SOLVER\x10\x01\x12\r\n\tSA_SOLVER\x10\x02*J\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x07\n\x03PNG\x10\x01\x12\x08\n\x04JPEG\x10\x02\x12\x08\n\x04WEBP\x10\x03*i\n\tStepCache\x12\x1a\n\x16STEP_CACHE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTEP_CACHE_OFF\x10\x01\x12\x17\n\x13STEP_CACHE_BALANCED\x10\x02\x12\x13\n\x0fSTEP_CACHE_FAST\x10\x03*u\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08IN_QUEUE\x10\x01\x12\x0f\n\x0bIN_PROGRESS\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0c\n\x08\x43\x41NCELED\x10\x05*\x8d\x01\n\rCancelOutcome\x12\x1e\n\x1a\x43\x41NCEL_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41NCELLED_WHILE_QUEUED\x10\x01\x12\x1a\n\x16\x43\x41NCELLATION_REQUESTED\x10\x02\x12\x15\n\x11\x41LREADY_COMPLETED\x10\x03\x12\r\n\tNOT_FOUND\x10\x04\x32\x8b\x03\n\x06PixArt\x12\x41\n\x08Generate\x12\x1a.pixart.v1.GenerateRequest\x1a\x19.pixart.v1.GenerateResult\x12H\n\x0eGenerateStream\x12\x1a.pixart.v1.GenerateRequest\x1a\x18.pixart.v1.GenerateEvent0\x01\x12=\n\x06Submit\x12\x18.pixart.v1.SubmitRequest\x1a\x19.pixart.v1.SubmitResponse\x12=\n\x06Status\x12\x18.pixart.v1.StatusRequest\x1a\x19.pixart.v1.StatusResponse\x12:\n\x06Result\x12\x15.pixart.v1.RequestRef\x1a\x19.pixart.v1.GenerateResult\x12:\n\x06\x43\x61ncel\x12\x15.pixart.v1.RequestRef\x1a\x19.pixart.v1.CancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pixart.v1.pixart_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STYLE']._serialized_start=2234
-  _globals['_STYLE']._serialized_end=2470
-  _globals['_IMAGESIZEPRESET']._serialized_start=2473
-  _globals['_IMAGESIZEPRESET']._serialized_end=2628
-  _globals['_SCHEDULER']._serialized_start=2630
-  _globals['_SCHEDULER']._serialized_end=2699
-  _globals['_OUTPUTFORMAT']._serialized_start=2701
-  _globals['_OUTPUTFORMAT']._serialized_end=2775
-  _globals['_STEPCACHE']._serialized_start=2777
-  _globals['_STEPCACHE']._serialized_end=2882
-  _globals['_REQUESTSTATE']._serialized_start=2884
-  _globals['_REQUESTSTATE']._serialized_end=3001
-  _globals['_CANCELOUTCOME']._serialized_start=3004
-  _globals['_CANCELOUTCOME']._serialized_end=3145
+  _globals['_STYLE']._serialized_start=2401
+  _globals['_STYLE']._serialized_end=2637
+  _globals['_IMAGESIZEPRESET']._serialized_start=2640
+  _globals['_IMAGESIZEPRESET']._serialized_end=2795
+  _globals['_SCHEDULER']._serialized_start=2797
+  _globals['_SCHEDULER']._serialized_end=2866
+  _globals['_OUTPUTFORMAT']._serialized_start=2868
+  _globals['_OUTPUTFORMAT']._serialized_end=2942
+  _globals['_STEPCACHE']._serialized_start=2944
+  _globals['_STEPCACHE']._serialized_end=3049
+  _globals['_REQUESTSTATE']._serialized_start=3051
+  _globals['_REQUESTSTATE']._serialized_end=3168
+  _globals['_CANCELOUTCOME']._serialized_start=3171
+  _globals['_CANCELOUTCOME']._serialized_end=3312
   _globals['_IMAGESIZE']._serialized_start=69
   _globals['_IMAGESIZE']._serialized_end=142
   _globals['_GENERATEREQUEST']._serialized_start=145
-  _globals['_GENERATEREQUEST']._serialized_end=788
-  _globals['_IMAGE']._serialized_start=791
-  _globals['_IMAGE']._serialized_end=921
-  _globals['_TIMINGS']._serialized_start=924
-  _globals['_TIMINGS']._serialized_end=1109
-  _globals['_GENERATERESULT']._serialized_start=1112
-  _globals['_GENERATERESULT']._serialized_end=1276
-  _globals['_LOGLINE']._serialized_start=1278
-  _globals['_LOGLINE']._serialized_end=1338
-  _globals['_QUEUEPOSITION']._serialized_start=1340
-  _globals['_QUEUEPOSITION']._serialized_end=1373
-  _globals['_PROGRESS']._serialized_start=1375
-  _globals['_PROGRESS']._serialized_end=1420
-  _globals['_GENERATEEVENT']._serialized_start=1423
-  _globals['_GENERATEEVENT']._serialized_end=1669
-  _globals['_SUBMITREQUEST']._serialized_start=1671
-  _globals['_SUBMITREQUEST']._serialized_end=1752
-  _globals['_SUBMITRESPONSE']._serialized_start=1754
-  _globals['_SUBMITRESPONSE']._serialized_end=1814
-  _globals['_REQUESTREF']._serialized_start=1816
-  _globals['_REQUESTREF']._serialized_end=1848
-  _globals['_STATUSREQUEST']._serialized_start=1850
-  _globals['_STATUSREQUEST']._serialized_end=1899
-  _globals['_STATUSRESPONSE']._serialized_start=1902
-  _globals['_STATUSRESPONSE']._serialized_end=2110
-  _globals['_CANCELRESPONSE']._serialized_start=2112
-  _globals['_CANCELRESPONSE']._serialized_end=2231
-  _globals['_PIXART']._serialized_start=3148
-  _globals['_PIXART']._serialized_end=3543
+  _globals['_GENERATEREQUEST']._serialized_end=834
+  _globals['_IMAGE']._serialized_start=837
+  _globals['_IMAGE']._serialized_end=967
+  _globals['_TIMINGS']._serialized_start=970
+  _globals['_TIMINGS']._serialized_end=1155
+  _globals['_GENERATERESULT']._serialized_start=1158
+  _globals['_GENERATERESULT']._serialized_end=1322
+  _globals['_LOGLINE']._serialized_start=1324
+  _globals['_LOGLINE']._serialized_end=1384
+  _globals['_QUEUEPOSITION']._serialized_start=1386
+  _globals['_QUEUEPOSITION']._serialized_end=1419
+  _globals['_PROGRESS']._serialized_start=1421
+  _globals['_PROGRESS']._serialized_end=1466
+  _globals['_PREVIEW']._serialized_start=1468
+  _globals['_PREVIEW']._serialized_end=1548
+  _globals['_GENERATEEVENT']._serialized_start=1551
+  _globals['_GENERATEEVENT']._serialized_end=1836
+  _globals['_SUBMITREQUEST']._serialized_start=1838
+  _globals['_SUBMITREQUEST']._serialized_end=1919
+  _globals['_SUBMITRESPONSE']._serialized_start=1921
+  _globals['_SUBMITRESPONSE']._serialized_end=1981
+  _globals['_REQUESTREF']._serialized_start=1983
+  _globals['_REQUESTREF']._serialized_end=2015
+  _globals['_STATUSREQUEST']._serialized_start=2017
+  _globals['_STATUSREQUEST']._serialized_end=2066
+  _globals['_STATUSRESPONSE']._serialized_start=2069
+  _globals['_STATUSRESPONSE']._serialized_end=2277
+  _globals['_CANCELRESPONSE']._serialized_start=2279
+  _globals['_CANCELRESPONSE']._serialized_end=2398
+  _globals['_PIXART']._serialized_start=3315
+  _globals['_PIXART']._serialized_end=3710
 # @@protoc_insertion_point(module_scope)

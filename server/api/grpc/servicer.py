@@ -20,13 +20,14 @@ from typing import Any
 import grpc
 from google.rpc import status_pb2
 
+from engine.preview import CONTENT_TYPE as PREVIEW_TYPE
 from engine.request import GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
 from protos.pixart.v1 import pixart_pb2_grpc as pb_grpc
 from server.api.keys import ApiKeys
 from server.core import records
 from server.core.service import Requests
-from server.core.work import Done, Logged, Queued, QueueFull, Stepped, TenantLimit, Unavailable
+from server.core.work import Done, Logged, Previewed, Queued, QueueFull, Stepped, TenantLimit, Unavailable
 from server.observability.metrics import Metrics
 from server.storage import COMPLETED, IN_PROGRESS, IN_QUEUE, StoreUnavailable, is_request_id
 
@@ -164,6 +165,9 @@ class PixArtServicer(pb_grpc.PixArtServicer):
                 elif isinstance(update, Stepped):
                     yield pb.GenerateEvent(request_id=rid, progress=pb.Progress(step=update.step,
                                                                                  total_steps=update.total))
+                elif isinstance(update, Previewed):
+                    yield pb.GenerateEvent(request_id=rid, preview=pb.Preview(
+                        step=update.step, total_steps=update.total, content_type=PREVIEW_TYPE, data=update.data))
                 elif isinstance(update, Logged):
                     yield pb.GenerateEvent(request_id=rid, log=pb.LogLine(**update.line))
                 elif isinstance(update, Done):

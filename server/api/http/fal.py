@@ -23,18 +23,20 @@ import base64
 import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from google.rpc import status_pb2
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from engine.preview import CONTENT_TYPE as PREVIEW_TYPE
 from engine.request import GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
+from server.api.http.bodies import BodyRefused, ClientGone, read_json, unless_gone
 from server.api.keys import ApiKeys
-from server.api.limits import MAX_REQUEST_BYTES, RETRY_AFTER_S
+from server.api.limits import RETRY_AFTER_S
 from server.core import records
 from server.core.service import Lookup, Requests
 from server.core.work import QueueFull, TenantLimit, Unavailable
@@ -48,7 +50,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "prompt": (str,), "negative_prompt": (str,), "style": (str,), "image_size": (str, dict),
     "num_inference_steps": (int,), "scheduler": (str,), "guidance_scale": (int, float), "seed": (int,),
     "num_images": (int,), "enable_safety_checker": (bool,), "sync_mode": (bool,), "output_format": (str,),
-    "step_cache": (str,),
+    "step_cache": (str,), "preview_every": (int,),
 }
 
 
@@ -99,28 +101,6 @@ class _Released(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.release()
-
-
-class ClientGone(Exception):
-    """The caller closed the connection while its answer was being made."""
-
-
-async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any:
-    """`work`'s result, or ClientGone as soon as the caller disconnects (the body has been read: the next message
-    the server gets from the connection is its end). uvicorn does not cancel a handler whose client went away."""
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    doing, watching = asyncio.ensure_future(work), asyncio.ensure_future(gone())
-    try:
-        await asyncio.wait({doing, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watching.cancel()
-    if not doing.done():
-        doing.cancel()
-        raise ClientGone()
-    return doing.result()
 
 
 def _request_route_methods(subpath: str) -> str | None:
@@ -213,25 +193,13 @@ class FalApi:
                                                                                Response | None]:
         """The request a body asks for, or the answer that refuses it: 413 past the size limit, 422 naming every
         bad field (wrong JSON types, and the service's rules for the fields that were given)."""
-        too_large = JSONResponse({"detail": "the request body is larger than 1 MB"}, 413)
-        declared = request.headers.get("content-length", "0")
-        if not declared.isdigit() or int(declared) > MAX_REQUEST_BYTES:
-            return None, too_large
-        chunks, size = [], 0
         try:
-            async for chunk in request.stream():  # bounded whatever Content-Length claimed
-                size += len(chunk)
-                if size > MAX_REQUEST_BYTES:
-                    return None, too_large
-                chunks.append(chunk)
-        except ClientDisconnect:  # gone before its body arrived (or cut off for sending it too slowly)
+            body = await read_json(request)
+        except BodyRefused as refused:
+            return None, (JSONResponse({"detail": str(refused)}, 413) if refused.status == 413
+                          else self._invalid([("body", str(refused))]))
+        except ClientGone:
             return None, Response(status_code=499)
-        try:
-            body = json.loads(b"".join(chunks) or b"{}")
-        except (ValueError, UnicodeDecodeError):
-            return None, self._invalid([("body", "is not valid JSON")])
-        except RecursionError:  # nested deeper than the parser goes: no input of ours is nested past 2 levels
-            return None, self._invalid([("body", "is nested too deeply")])
         generation, mistyped = request_from_json(body)
         if mistyped:
             return None, self._invalid(mistyped + [v for v in self.service.violations(generation, webhook_url)
@@ -265,6 +233,10 @@ class FalApi:
         body["logs"] = _logs(found.logs) if with_logs else None
         if state == IN_PROGRESS:
             body["status"] = "IN_PROGRESS"
+            if found.preview is not None:  # an extension fal's clients ignore: the image as it forms
+                picture = found.preview
+                body["preview"] = {"step": picture.step, "total_steps": picture.total, "content_type": PREVIEW_TYPE,
+                                   "url": f"data:{PREVIEW_TYPE};base64,{base64.b64encode(picture.data).decode()}"}
             return body, 202
         body["status"] = "COMPLETED"
         if state == COMPLETED and found.row is not None and found.row.result:
@@ -359,9 +331,9 @@ class FalApi:
                 body, _ = self.status_json(request, app_id, found, with_logs)
                 if body.get("logs") is not None:  # only the lines not sent yet: the JS client appends them
                     body["logs"], sent_logs = body["logs"][sent_logs:], len(body["logs"])
-                changed = (body["status"], body.get("queue_position")) != last or body.get("logs")
-                if changed:
-                    last, last_sent = (body["status"], body.get("queue_position")), time.monotonic()
+                now = (body["status"], body.get("queue_position"), (body.get("preview") or {}).get("step"))
+                if now != last or body.get("logs"):
+                    last, last_sent = now, time.monotonic()
                     yield f"data: {json.dumps(body)}\n\n"
                 elif time.monotonic() - last_sent >= KEEPALIVE_S:
                     last_sent = time.monotonic()
@@ -404,7 +376,7 @@ class FalApi:
         except (InvalidRequest, TenantLimit, QueueFull, Unavailable) as exc:
             return self._refused(exc)
         try:
-            outcome = await _unless_gone(request, call.outcome())
+            outcome = await unless_gone(request, call.outcome())
         except asyncio.CancelledError:  # the server is stopping: free the place or the step
             call.cancel()
             raise

@@ -22,6 +22,7 @@ PROXY_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 def mount(api: FalApi, app: FastAPI) -> None:
     """Add fal's routes, documented, to the HTTP port's app, and its proxy mode (routed through the app)."""
+    app.state.body_schemas.update(schema.body_schemas(schema.FalInput))
     owners, names = zip(*(app_id.split("/", 1) for app_id in sorted(api.app_ids)), strict=True)
     served = [schema.parameter("owner", "path", {"type": "string", "enum": sorted(set(owners))}),
               schema.parameter("name", "path", {"type": "string", "enum": sorted(set(names))})]

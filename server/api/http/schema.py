@@ -38,7 +38,8 @@ from engine.vocabulary import (
 REF = "#/components/schemas/{model}"
 # What `Authorization` carries where API keys are configured (fal's clients send `Key <key>`)
 SECURITY = {"apiKey": {"type": "apiKey", "in": "header", "name": "Authorization",
-                       "description": "`Key <key>` where the server has API keys (--api-keys-file)"}}
+                       "description": "`Key <key>` where the server has API keys (--api-keys-file)"},
+            "bearer": {"type": "http", "scheme": "bearer", "description": "the same key, as OpenAI's clients send it"}}
 
 
 def _choice(names: tuple[str, ...] | list[str]) -> Any:
@@ -69,6 +70,8 @@ class FalInput(BaseModel):
     output_format: _choice(OUTPUT_FORMATS) | None = DEFAULT_FORMAT
     step_cache: _choice(STEP_CACHE_MODES) | None = Field(
         None, description="skip transformer calls on steps that barely change the image (default: the server's)")
+    preview_every: int | None = Field(0, ge=0, le=MAX_STEPS, description="extension: a preview of the first image "
+                                      "every this many steps on the status stream (0: none)")
 
 
 class QueueSubmitted(BaseModel):
@@ -92,6 +95,15 @@ class RunMetrics(BaseModel):
     inference_time: float
 
 
+class Preview(BaseModel):
+    """The first image as it forms: the step's data estimate drawn without the VAE (a small JPEG)."""
+
+    step: int
+    total_steps: int
+    content_type: str
+    url: str = Field(description="a data: URI")
+
+
 class QueueStatus(BaseModel):
     """202 while queued or running, 200 once done: fal has no FAILED state, so an error is a COMPLETED status
     carrying `error` and `error_type`."""
@@ -106,6 +118,7 @@ class QueueStatus(BaseModel):
     metrics: RunMetrics | None = None
     error: str | None = None
     error_type: str | None = None
+    preview: Preview | None = Field(None, description="extension, with preview_every: the latest preview")
 
 
 class Image(BaseModel):
@@ -181,8 +194,83 @@ REQUEST_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 RESULT_FILE_NAME = {"type": "string", "enum": sorted(result_file_names())}
 
 
-def input_schemas() -> dict[str, dict]:
-    """The component schemas of request bodies the routes read themselves (FastAPI sees only the responses)."""
-    schema = FalInput.model_json_schema(ref_template=REF)
+def body_schemas(model: type[BaseModel]) -> dict[str, dict]:
+    """A request body's component schemas (FastAPI sees only the responses: the routes read bodies themselves)."""
+    schema = model.model_json_schema(ref_template=REF)
     nested = schema.pop("$defs", {})
-    return {"FalInput": schema, **nested}
+    return {model.__name__: schema, **nested}
+
+
+# -- OpenAI's Images API (server/api/http/openai.py) ---------------------------------------------------------------
+_SIDE = "(25[6-9]|2[6-9][0-9]|[3-9][0-9]{2}|1[0-9]{3}|20[0-3][0-9]|204[0-8])"  # MIN_SIDE..MAX_SIDE, no zeros first
+SIZE_PATTERN = f"^(auto|{_SIDE}x{_SIDE})$"
+assert (MIN_SIDE, MAX_SIDE) == (256, 2048), "SIZE_PATTERN spells the side limits"
+# OpenAI's quality names as step counts (num_inference_steps overrides): auto is the engine's default
+QUALITY_STEPS = {"low": 14, "medium": 20, "standard": 20, "auto": DEFAULT_STEPS, "high": 35, "hd": 50,
+                 "xhigh": 50, "max": 50}
+
+
+class OpenAIImageRequest(BaseModel):
+    """OpenAI's image generation body; fields as OpenAI's, ours as extensions. null takes the default."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")
+    model: str | None = Field("pixart-sigma", description="pixart-sigma, or a served app id")
+    n: int | None = Field(1, ge=1, le=MAX_IMAGES)
+    size: str | None = Field("auto", pattern=SIZE_PATTERN, description="WIDTHxHEIGHT or auto (1024x1024)")
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    quality: _choice(tuple(QUALITY_STEPS)) | None = Field(
+        "auto", description="a step count: low 14, medium/standard 20, auto/high 35, hd/xhigh/max 50")
+    output_format: _choice(OUTPUT_FORMATS) | None = DEFAULT_FORMAT
+    background: Literal["auto", "opaque"] | None = "auto"
+    style: _choice(("vivid", "natural", *STYLE_NAMES)) | None = Field(
+        "natural", description="vivid and natural are accepted and ignored; a style name picks that style")
+    user: str | None = Field(None, max_length=256, description="accepted, ignored")
+    moderation: Literal["low", "auto"] | None = Field("auto", description="accepted, ignored")
+    output_compression: int | None = Field(None, ge=0, le=100, description="accepted, ignored")
+    stream: bool | None = False
+    partial_images: int | None = Field(0, ge=0, le=3, description="with stream: previews of the first image")
+    negative_prompt: str | None = Field("", max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="overrides quality")
+    guidance_scale: float | None = Field(DEFAULT_GUIDANCE, ge=0, le=MAX_GUIDANCE)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    scheduler: _choice(SCHEDULERS) | None = DEFAULT_SCHEDULER
+    enable_safety_checker: bool | None = False
+    step_cache: _choice(STEP_CACHE_MODES) | None = None
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    background: str
+    output_format: str
+    quality: str
+    size: str
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]

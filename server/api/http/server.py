@@ -19,11 +19,13 @@ import contextlib
 import importlib.metadata
 import logging
 import mimetypes
+import re
 import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -66,6 +68,8 @@ def build_app(
         if not (is_request_id(request_id) and is_result_file_name(file_name)):
             return PlainTextResponse("not found\n", 404)
         query = request.query_params
+        if not _well_formed(query):  # a signature given must be one the server could have made, key or not
+            return PlainTextResponse("a malformed signature\n", 403)
         signed = signer.valid(request_id, file_name, query.get("expires", ""), query.get("signature", ""))
         authorization = request.headers.get("authorization", "")
         if not (signed or keys.proves(authorization)):
@@ -94,6 +98,7 @@ def build_app(
                   redoc_url=None, exception_handlers={Exception: errors.answer, StoreUnavailable: store_unavailable,
                                                       RequestValidationError: invalid_parameters})
     app.state.errors = errors
+    app.state.body_schemas = {}  # the request bodies routes read themselves, added by each transport's mount
     app.openapi = lambda: _document(app)
     app.add_api_route("/healthz", healthz, methods=["GET"], operation_id="health",
                       summary="Whether this replica serves",
@@ -123,13 +128,20 @@ def build_app(
     return app
 
 
+def _well_formed(query: Any) -> bool:
+    """Absent, or as ResultSigner writes them: expires 1-12 ASCII digits, signature 64 lowercase hex digits."""
+    expires, signature = query.get("expires"), query.get("signature")
+    return ((expires is None or re.fullmatch(r"[0-9]{1,12}", expires) is not None)
+            and (signature is None or re.fullmatch(r"[0-9a-f]{64}", signature) is not None))
+
+
 def _document(app: FastAPI) -> dict:
     """FastAPI's document of the routes, with the request bodies the routes read themselves and the key scheme."""
     if app.openapi_schema is None:
         document = get_openapi(title=app.title, version=app.version, routes=app.routes,
                                description="PixArt-Σ text-to-image: fal's queue protocol, results and health.")
         components = document.setdefault("components", {})
-        components.setdefault("schemas", {}).update(schema.input_schemas())
+        components.setdefault("schemas", {}).update(app.state.body_schemas)
         components["securitySchemes"] = schema.SECURITY
         app.openapi_schema = document
     return app.openapi_schema

@@ -234,7 +234,8 @@ def test_results_need_a_valid_signature_or_the_key(tmp_path) -> None:
 def test_api_keys() -> None:
     keys = ApiKeys(["alpha", "beta"])
     assert keys.allows("Key beta") and keys.proves("Key alpha")
-    assert not any(keys.allows(h) for h in ("", "Key ", "Key alph", "Bearer alpha", "key alpha"))
+    assert not any(keys.allows(h) for h in ("", "Key ", "Key alph", "Basic alpha", "key alpha", "Bearer "))
+    assert keys.allows("Bearer alpha") and keys.tenant("Bearer beta") == keys.tenant("Key beta")  # OpenAI's form
     assert ApiKeys().allows("") and not ApiKeys().proves("Key anything")
 
 
