@@ -28,6 +28,7 @@ from server.api.http.fal_routes import mount as mount_fal
 from server.api.http.guard import ConnectionGuard, ConnectionLimits
 from server.api.http.openai import OpenAIApi
 from server.api.http.openai import mount as mount_openai
+from server.api.http.playground import mount as mount_playground
 from server.api.http.server import HttpServer, build_app
 from server.api.keys import ApiKeys, load_keys
 from server.config import ServerConfig
@@ -97,10 +98,12 @@ class App:
             await self.metrics_http.start()
         if cfg.http_port is not None:
             app = build_app(keys=self.keys, healthy=lambda: self.service.ready, signer=self.signer,
+                            cors_origins=cfg.cors_origins,
                             result_file=self._servable, render_metrics=None if cfg.metrics_address
                             else self.metrics.render)
             mount_fal(self.fal, app)
             mount_openai(OpenAIApi(self.service, keys=self.keys, app_ids=set(self.fal.app_ids)), app)
+            mount_playground(app)
             tls = cfg.tls or (None, None)
             self.http = HttpServer(app, cfg.host, cfg.http_port, guard=self._http_guard(), tls_cert=tls[0],
                                    tls_key=tls[1])
@@ -158,6 +161,8 @@ class App:
         if not self.draining:
             await self.grpc.set_serving(True)
         log.info("serving", extra={"load_s": round(time.monotonic() - t0, 3)})
+        if self.http is not None:  # the first thing a newcomer opens
+            log.info(f"playground: {self._base_url()}/", extra={"url": f"{self._base_url()}/"})
         if cfg.port_file:  # renamed into place: whoever polls for the file never reads half of it
             tmp = Path(f"{cfg.port_file}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"port": self.port, "http_port": self.http_port}))

@@ -70,6 +70,9 @@ class ServerConfig:
                                            flag="--http-write-timeout")
     http_max_streams_per_key: int = _setting(
         32, "status streams open at once per API key (per client address without keys); past it 429")
+    cors_origins: list[str] = _setting(
+        [], "an origin whose pages may call the HTTP API from a browser (repeatable; default none)",
+        flag="--cors-origin", metavar="ORIGIN")
     app_ids: list[str] = _setting(
         [], "fal app id served on the HTTP port besides fal-ai/pixart-sigma (repeatable)", flag="--app-id",
         metavar="OWNER/NAME")

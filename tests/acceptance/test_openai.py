@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,6 +21,7 @@ from PIL import Image
 from tests.support.servers import ServerThread, config
 
 KEY = "sk-pixart-test-0123456789"
+JS = Path(__file__).resolve().parents[1] / "js"
 CHEAP = {"num_inference_steps": 4}
 
 
@@ -79,3 +85,24 @@ def test_a_bad_size_is_400_naming_it_and_a_missing_key_is_401(client, server) ->
         nobody.images.generate(prompt="x")
     assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
     assert [m.id for m in client.models.list()] == ["fal-ai/pixart-sigma", "pixart-sigma"]
+
+
+def test_openais_javascript_client_works_by_base_url_alone(server) -> None:
+    """The same through the `openai` npm package (tests/js, pinned by its lockfile)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed: OpenAI's JavaScript client cannot run here")
+    if not (JS / "node_modules" / "openai").is_dir():
+        if shutil.which("npm") is None:
+            pytest.skip("npm is not installed: cannot install the openai npm package")
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, capture_output=True,
+                       timeout=300)
+    env = {**os.environ, "OPENAI_BASE": f"http://127.0.0.1:{server.http_port}", "OPENAI_KEY": KEY}
+    done = subprocess.run([node, "openai.mjs"], cwd=JS, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["b64"] == ["PNG", "PNG"] and seen["answered_size"] == "512x256"
+    assert "/results/" in seen["url"] and "signature=" in seen["url"]
+    assert seen["events"] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert seen["bad_size"] == {"status": 400, "param": "size", "code": "invalid_size"}
+    assert seen["key"]["status"] == 401 and seen["key"]["code"] == "invalid_api_key"

@@ -233,7 +233,9 @@ class FalApi:
         body["logs"] = _logs(found.logs) if with_logs else None
         if state == IN_PROGRESS:
             body["status"] = "IN_PROGRESS"
-            if found.preview is not None:  # an extension fal's clients ignore: the image as it forms
+            if found.progress[1]:  # extensions fal's clients ignore: the step, and the image as it forms
+                body["progress"] = {"step": found.progress[0], "total_steps": found.progress[1]}
+            if found.preview is not None:
                 picture = found.preview
                 body["preview"] = {"step": picture.step, "total_steps": picture.total, "content_type": PREVIEW_TYPE,
                                    "url": f"data:{PREVIEW_TYPE};base64,{base64.b64encode(picture.data).decode()}"}
@@ -331,7 +333,8 @@ class FalApi:
                 body, _ = self.status_json(request, app_id, found, with_logs)
                 if body.get("logs") is not None:  # only the lines not sent yet: the JS client appends them
                     body["logs"], sent_logs = body["logs"][sent_logs:], len(body["logs"])
-                now = (body["status"], body.get("queue_position"), (body.get("preview") or {}).get("step"))
+                now = (body["status"], body.get("queue_position"), (body.get("progress") or {}).get("step"),
+                       (body.get("preview") or {}).get("step"))
                 if now != last or body.get("logs"):
                     last, last_sent = now, time.monotonic()
                     yield f"data: {json.dumps(body)}\n\n"

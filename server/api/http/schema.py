@@ -104,6 +104,11 @@ class Preview(BaseModel):
     url: str = Field(description="a data: URI")
 
 
+class Progress(BaseModel):
+    step: int
+    total_steps: int
+
+
 class QueueStatus(BaseModel):
     """202 while queued or running, 200 once done: fal has no FAILED state, so an error is a COMPLETED status
     carrying `error` and `error_type`."""
@@ -118,6 +123,7 @@ class QueueStatus(BaseModel):
     metrics: RunMetrics | None = None
     error: str | None = None
     error_type: str | None = None
+    progress: Progress | None = Field(None, description="extension: steps done while it runs")
     preview: Preview | None = Field(None, description="extension, with preview_every: the latest preview")
 
 

@@ -31,6 +31,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -58,6 +59,7 @@ def build_app(
     render_metrics: Callable[[], bytes] | None = None,
     signer: ResultSigner | None = None,
     result_file: Callable[[str, str, str | None], Awaitable[Path | str | None]] | None = None,
+    cors_origins: list[str] = (),
 ) -> FastAPI:
     """The routes this port serves: /healthz; /metrics (when `render_metrics`); results (when `signer`: `result_file`
     gives a file to send, a URL to redirect to, or None, for a request of the given tenant, or with None anyone's);
@@ -97,6 +99,10 @@ def build_app(
     app = FastAPI(title="PixArt-Σ serving", version=VERSION, openapi_url="/openapi.json", docs_url=None,
                   redoc_url=None, exception_handlers={Exception: errors.answer, StoreUnavailable: store_unavailable,
                                                       RequestValidationError: invalid_parameters})
+    if cors_origins:  # pages on those origins may call the API from a browser (the key still applies)
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "PUT"],
+                           allow_headers=["Authorization", "Content-Type", "x-fal-target-url"],
+                           expose_headers=["x-fal-request-id", "Retry-After"], max_age=600)
     app.state.errors = errors
     app.state.body_schemas = {}  # the request bodies routes read themselves, added by each transport's mount
     app.openapi = lambda: _document(app)
