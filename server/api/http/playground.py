@@ -11,7 +11,7 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 
 from server.api.http import schema
 
-FILES = Path(__file__).with_name("playground")
+FILES = Path(__file__).with_name("static")  # the page, its script and style
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 # The page is the server's own: it loads nothing from elsewhere, and nothing may frame it
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
