@@ -38,12 +38,11 @@ from server.api.http.bodies import BodyRefused, ClientGone, read_json, unless_go
 from server.api.keys import ApiKeys
 from server.api.limits import RETRY_AFTER_S
 from server.core import records
-from server.core.service import Lookup, Requests
+from server.core.service import KEEPALIVE_S, Lookup, Requests
 from server.core.work import QueueFull, TenantLimit, Unavailable
 from server.storage import CANCELED, COMPLETED, IN_PROGRESS, IN_QUEUE, Row, StoreUnavailable, is_request_id
 
 DEFAULT_APP_ID = "fal-ai/pixart-sigma"
-KEEPALIVE_S = 15.0
 LEVELS = {"INFO": "INFO", "WARNING": "WARN", "ERROR": "ERROR", "DEBUG": "DEBUG"}
 # fal input field -> the JSON types it may have
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -318,7 +317,7 @@ class FalApi:
                 del self._streams[owner]
 
         async def events():
-            sent_logs, last, last_sent = 0, None, time.monotonic()
+            sent_logs, last, last_sent, shown = 0, None, time.monotonic(), None
             while True:
                 try:
                     found = await self.service.lookup(rid, viewer)
@@ -333,8 +332,12 @@ class FalApi:
                 body, _ = self.status_json(request, app_id, found, with_logs)
                 if body.get("logs") is not None:  # only the lines not sent yet: the JS client appends them
                     body["logs"], sent_logs = body["logs"][sent_logs:], len(body["logs"])
-                now = (body["status"], body.get("queue_position"), (body.get("progress") or {}).get("step"),
-                       (body.get("preview") or {}).get("step"))
+                if "preview" in body:  # each preview once: a step's event does not repeat the last one
+                    if body["preview"]["step"] == shown:
+                        del body["preview"]
+                    else:
+                        shown = body["preview"]["step"]
+                now = (body["status"], body.get("queue_position"), (body.get("progress") or {}).get("step"), shown)
                 if now != last or body.get("logs"):
                     last, last_sent = now, time.monotonic()
                     yield f"data: {json.dumps(body)}\n\n"
