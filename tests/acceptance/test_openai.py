@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.support.servers import ServerThread, config
+from tests.support.servers import ServerProcess
 
 KEY = "sk-pixart-test-0123456789"
 JS = Path(__file__).resolve().parents[1] / "js"
@@ -27,9 +27,9 @@ CHEAP = {"num_inference_steps": 4}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerThread(config(tmp_path_factory.mktemp("store"), api_keys=[KEY]))
+    srv = ServerProcess(tmp_path_factory.mktemp("run") / "store", "--api-key", KEY)  # as a user starts it
     yield srv
-    srv.close()
+    srv.stop()
 
 
 @pytest.fixture

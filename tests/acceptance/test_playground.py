@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from server.client import Client
-from tests.support.servers import ServerThread, config
+from tests.support.servers import ServerProcess
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install "
                                                              "playwright); the browser tests need it")
@@ -42,9 +42,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerThread(config(tmp_path_factory.mktemp("store")))
+    srv = ServerProcess(tmp_path_factory.mktemp("run") / "store")  # `pixart serve`, as a user starts it
     yield srv
-    srv.close()
+    srv.stop()
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_a_bad_field_shows_its_message_at_the_field(page) -> None:
 
 
 def test_a_keyed_server_asks_for_the_key_and_works_with_it(browser, tmp_path) -> None:
-    srv = ServerThread(config(tmp_path / "store", api_keys=[KEY]))
+    srv = ServerProcess(tmp_path / "store", "--api-key", KEY)
     context = browser.new_context()
     try:
         page = context.new_page()
@@ -137,7 +137,7 @@ def test_a_keyed_server_asks_for_the_key_and_works_with_it(browser, tmp_path) ->
         assert page.locator("img.result").count() == 1
     finally:
         context.close()
-        srv.close()
+        srv.stop()
 
 
 def test_the_copy_as_curl_command_returns_the_same_image(page, server) -> None:
