@@ -12,7 +12,7 @@ ignored. Extensions: `negative_prompt`, `num_inference_steps`, `guidance_scale`,
 (`partial_images`, 0-3, previews of the first image as it forms) then one `image_generation.completed` per image.
 
 Errors are OpenAI's: `{"error": {"message", "type", "param", "code"}}`, 400 naming the field, 401, 429 past a key's
-limit, 503 (with Retry-After) when the queue is full or the server cannot take work.
+limit or when the queue is full, 503 when the server cannot take work now (both with Retry-After).
 """
 
 from __future__ import annotations
@@ -241,8 +241,9 @@ def _refusal(exc: Exception) -> Refused:
         return Refused(400, f"{field}: {rule}", field.split(".")[0], "invalid_value")
     if isinstance(exc, TenantLimit):
         return Refused(429, str(exc), None, "rate_limit_exceeded", "requests")
-    message = "the queue is full; retry later" if isinstance(exc, QueueFull) else str(exc)
-    return Refused(503, message, None, "service_unavailable", "server_error")
+    if isinstance(exc, QueueFull):  # OpenAI's clients retry a 429 after Retry-After by themselves
+        return Refused(429, "the queue is full; retry later", None, "queue_full", "requests")
+    return Refused(503, str(exc), None, "service_unavailable", "server_error")
 
 
 def _failure(outcome: BaseException) -> Refused:
@@ -270,9 +271,9 @@ def mount(api: OpenAIApi, app: FastAPI) -> None:
         summary="Generate images (OpenAI's Images API)",
         responses={200: {**images, "content": events["content"]}, 400: {**error, "description": "a bad field"},
                    401: {**error, "description": "no valid key"}, 413: {**error, "description": "body too large"},
-                   429: {**error, "description": "past this key's limit"},
+                   429: {**error, "description": "past this key's limit, or the queue is full"},
                    500: {**error, "description": "the generation failed"},
-                   503: {**error, "description": "the queue is full, or the server cannot take work now"}},
+                   503: {**error, "description": "the server cannot take work now (starting, draining, store away)"}},
         openapi_extra={**security, "requestBody": schema.body(schema.OpenAIImageRequest)})
     app.add_api_route("/v1/models", api.models_list, methods=["GET"], operation_id="openai_models",
                       summary="The models this server serves", openapi_extra=security,

@@ -16,6 +16,8 @@ from engine.request import GenerationRequest, InvalidRequest
 from server.api.http.fal import FalApi, request_from_json
 from server.api.http.fal_routes import mount as mount_fal
 from server.api.http.guard import ConnectionGuard, ConnectionLimits
+from server.api.http.openai import OpenAIApi
+from server.api.http.openai import mount as mount_openai
 from server.api.http.server import HttpServer, build_app
 from server.api.keys import ApiKeys
 from server.core import records
@@ -65,6 +67,11 @@ class FakeRequests:
 
     async def changed(self, request_id):
         await asyncio.sleep(0.01)
+
+    async def start(self, request, *, deadline=None, method="Generate", tenant=""):
+        if self.full:
+            raise QueueFull()
+        raise AssertionError("these tests run nothing")
 
 
 @pytest.fixture
@@ -292,3 +299,27 @@ def test_a_route_that_raises_answers_a_correlation_id_and_logs_at_most_ten_trace
     logged = [r for r in caplog.records if r.getMessage() == "internal error"]
     assert len(logged) == 10 and logged[0].exc_info is not None
     assert logged[0].correlation_id in details[0]  # the answer's id finds the traceback
+
+
+def test_cors_answers_only_the_origins_the_operator_listed() -> None:
+    app = build_app(keys=ApiKeys(), healthy=lambda: True, cors_origins=["https://app.example"])
+    with TestClient(app) as client:
+        asked = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        allowed = client.options("/healthz", headers={"Origin": "https://app.example", **asked})
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        refused = client.options("/healthz", headers={"Origin": "https://evil.example", **asked})
+        assert "access-control-allow-origin" not in refused.headers
+    with TestClient(build_app(keys=ApiKeys(), healthy=lambda: True)) as client:  # the default: none
+        assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": "https://a.example"}).headers
+
+
+def test_openais_route_answers_a_full_queue_429_with_retry_after_in_openais_shape(service) -> None:
+    app = build_app(keys=ApiKeys([KEY]), healthy=lambda: True)
+    mount_openai(OpenAIApi(service, keys=ApiKeys([KEY]), app_ids=set()), app)
+    service.full = True
+    with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        r = client.post("/v1/images/generations", json={"prompt": "x"})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+        assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "requests"
+        r = client.post("/v1/images/generations", json={"prompt": "x", "size": "99x99"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "size"
