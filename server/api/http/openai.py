@@ -159,9 +159,7 @@ class OpenAIApi:
             asked = OpenAIRequest(await read_json(request), self.models)
             violations = self.service.violations(asked.generation)
             if violations:
-                field, rule = violations[0]
-                raise Refused(400, f"{field}: {rule}" + (f" (and {len(violations) - 1} more)" if violations[1:]
-                                                          else ""), field.split(".")[0], "invalid_value")
+                raise _invalid(violations)
             call = await self.service.start(asked.generation, method="openai", tenant=self.keys.tenant(authorization))
         except BodyRefused as refused:
             return Refused(refused.status if refused.status == 413 else 400, f"body {refused}", None,
@@ -235,10 +233,21 @@ def _no_key() -> Refused:
     return Refused(401, "a valid API key is required (Authorization: Bearer <key>)", None, "invalid_api_key")
 
 
+# the engine's field names as this API spells them
+PARAMS = {"num_images": "n", "image_size": "size", "preview_every": "partial_images", "sync_mode": "response_format"}
+
+
+def _invalid(violations: list[tuple[str, str]]) -> Refused:
+    """400 naming the first bad field in this API's words (how many more there are, too)."""
+    field, rule = violations[0]
+    param = PARAMS.get(field.split(".")[0], field.split(".")[0])
+    more = f" (and {len(violations) - 1} more)" if violations[1:] else ""
+    return Refused(400, f"{param}: {rule}{more}", param, "invalid_value")
+
+
 def _refusal(exc: Exception) -> Refused:
     if isinstance(exc, InvalidRequest):
-        field, rule = exc.violations[0]
-        return Refused(400, f"{field}: {rule}", field.split(".")[0], "invalid_value")
+        return _invalid(exc.violations)
     if isinstance(exc, TenantLimit):
         return Refused(429, str(exc), None, "rate_limit_exceeded", "requests")
     if isinstance(exc, QueueFull):  # OpenAI's clients retry a 429 after Retry-After by themselves
@@ -249,8 +258,7 @@ def _refusal(exc: Exception) -> Refused:
 def _failure(outcome: BaseException) -> Refused:
     status = records.outcome_status(outcome)
     if records.violations_from_status(status):
-        field, rule = records.violations_from_status(status)[0]
-        return Refused(400, f"{field}: {rule}", field, "invalid_value")
+        return _invalid(records.violations_from_status(status))
     return Refused(500, status.message[:1000], None, records.grpc_code(status).name.lower(), "server_error")
 
 

@@ -323,3 +323,5 @@ def test_openais_route_answers_a_full_queue_429_with_retry_after_in_openais_shap
         assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "requests"
         r = client.post("/v1/images/generations", json={"prompt": "x", "size": "99x99"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "size"
+        r = client.post("/v1/images/generations", json={"prompt": "x", "n": 9})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # OpenAI's name, not the engine's
