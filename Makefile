@@ -21,8 +21,9 @@ $(BIN)/pixart: pyproject.toml
 
 install: $(BIN)/pixart
 
-# re-exported when the committed default weights change (a pull that retrains the default)
-$(MODEL)/manifest.json: $(wildcard default_model/weights/*.json default_model/weights/*/*) | $(BIN)/pixart
+# re-exported when the committed default weights or the exporter change (a pull that retrains the default, or that
+# adds to what an export holds, like the previews' colour map)
+$(MODEL)/manifest.json: $(wildcard default_model/weights/*.json default_model/weights/*/* export/*.py export/graphs/*.py) | $(BIN)/pixart
 	$(BIN)/pixart export --out $(MODEL) --safety-checker
 
 # Main job: the gRPC service on the embedded default model (exported on first run).
