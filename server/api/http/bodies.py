@@ -24,6 +24,11 @@ class ClientGone(Exception):
     """The caller closed the connection before its answer was made."""
 
 
+def integral(value: Any) -> Any:
+    """JSON has one number type: 14.0 is the integer 14 (as JSON Schema, fal's and OpenAI's validation have it)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 async def read_json(request: Request) -> Any:
     """The body as JSON ({} when empty), read at most MAX_REQUEST_BYTES whatever Content-Length claims."""
     too_large = BodyRefused(413, f"the request body is larger than {MAX_REQUEST_BYTES >> 20} MB")

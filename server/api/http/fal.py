@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from engine.preview import CONTENT_TYPE as PREVIEW_TYPE
 from engine.request import GenerationRequest, GenerationResult, InvalidRequest
 from protos.pixart.v1 import pixart_pb2 as pb
-from server.api.http.bodies import BodyRefused, ClientGone, read_json, unless_gone
+from server.api.http.bodies import BodyRefused, ClientGone, integral, read_json, unless_gone
 from server.api.keys import ApiKeys
 from server.api.limits import RETRY_AFTER_S
 from server.core import records
@@ -69,20 +69,15 @@ def request_from_json(body: Any) -> tuple[GenerationRequest, list[tuple[str, str
         if value is None:
             continue
         if int in types and float not in types:
-            value = _integral(value)
+            value = integral(value)
         if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             kind = "a number" if float in types else " or ".join(JSON_NAMES[t] for t in types)
             violations.append((name, f"must be {kind}"))
             continue
-        kw[name] = (_integral(value.get("width")), _integral(value.get("height"))) if isinstance(value, dict) else value
+        kw[name] = (integral(value.get("width")), integral(value.get("height"))) if isinstance(value, dict) else value
     if "prompt" not in kw and not violations:
         violations.append(("prompt", "is required"))
     return GenerationRequest(**{"prompt": "-", **kw}), violations  # a placeholder prompt when missing or mistyped
-
-
-def _integral(value: Any) -> Any:
-    """JSON has one number type: 14.0 is the integer 14 (as fal's own validation and JSON Schema have it)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 JSON_NAMES = {str: "a string", dict: "a {width, height} object", int: "an integer", bool: "a boolean"}

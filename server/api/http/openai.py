@@ -33,7 +33,7 @@ from engine.request import GenerationRequest, GenerationResult, InvalidRequest
 from engine.vocabulary import MAX_SIDE, MIN_SIDE, OUTPUT_FORMATS, STYLE_NAMES
 from protos.pixart.v1 import pixart_pb2 as pb
 from server.api.http import schema
-from server.api.http.bodies import BodyRefused, ClientGone, read_json, unless_gone
+from server.api.http.bodies import BodyRefused, ClientGone, integral, read_json, unless_gone
 from server.api.keys import ApiKeys
 from server.api.limits import RETRY_AFTER_S
 from server.core import records
@@ -122,8 +122,8 @@ class OpenAIRequest:
         value = body.get(name)
         if value is None:
             return default
-        if int in types and float not in types and isinstance(value, float) and value.is_integer():
-            value = int(value)
+        if int in types and float not in types:
+            value = integral(value)
         if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             kind = "a number" if float in types else {str: "a string", int: "an integer", bool: "a boolean"}[types[0]]
             raise Refused(400, f"{name} must be {kind}", name, "invalid_type")
