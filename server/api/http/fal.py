@@ -130,9 +130,10 @@ def _logs(lines: list[dict]) -> list[dict]:
 
 
 class FalApi:
-    def __init__(self, service: Requests, *, keys: ApiKeys, app_ids: list[str] = (), public_url: str | None = None,
-                 max_streams: int = 32):
-        """`max_streams`: status streams open at once per key (per client address where no keys are configured)."""
+    def __init__(self, service: Requests, *, keys: ApiKeys, max_streams: int, app_ids: list[str] = (),
+                 public_url: str | None = None):
+        """`max_streams`: status streams open at once per key (per client address where no keys are configured;
+        the setting --http-max-streams-per-key)."""
         self.service, self.keys, self.public_url, self.max_streams = service, keys, public_url, max_streams
         self.app_ids = {DEFAULT_APP_ID, *app_ids}
         self._streams: Counter[str] = Counter()

@@ -82,7 +82,7 @@ def service() -> FakeRequests:
 @pytest.fixture
 def http(service) -> TestClient:
     app = build_app(keys=ApiKeys([KEY]), healthy=lambda: service.ready)
-    mount_fal(FalApi(service, keys=ApiKeys([KEY]), public_url="https://pixart.example"), app)
+    mount_fal(FalApi(service, keys=ApiKeys([KEY]), max_streams=4, public_url="https://pixart.example"), app)
     with TestClient(app, headers={"Authorization": f"Key {KEY}"}) as client:
         yield client
 
@@ -289,7 +289,7 @@ def test_the_port_answers_without_waiting_for_delayed_acks() -> None:
 
 def test_a_route_that_raises_answers_a_correlation_id_and_logs_at_most_ten_tracebacks_a_minute(service, caplog) -> None:
     app = build_app(keys=ApiKeys([KEY]), healthy=lambda: service.ready)
-    mount_fal(FalApi(service, keys=ApiKeys([KEY])), app)
+    mount_fal(FalApi(service, keys=ApiKeys([KEY]), max_streams=4), app)
     with TestClient(app, headers={"Authorization": f"Key {KEY}"}, raise_server_exceptions=False) as client:
         with caplog.at_level("ERROR", logger="pixart.server.http"):
             answers = [client.get(f"/queue/{APP}/requests/{BROKEN}/status") for _ in range(30)]
